@@ -1,0 +1,1 @@
+"""Training stages driven through ms-swift."""

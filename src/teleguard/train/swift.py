@@ -1,0 +1,78 @@
+"""Run ms-swift's command line (`swift sft`, `swift rlhf`, ...) as a subprocess, offline.
+
+A subprocess rather than an in-process call: ms-swift configures torch, logging and distributed state
+globally, and a stage must be able to run under torchrun exactly as it does on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
+
+# Nothing may be fetched from a model or data hub at run time.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1"}
+
+# What a CPU-only machine needs (fp32, no worker processes, no hub checks, no external loggers).
+CPU_FLAGS = [
+    "--torch_dtype",
+    "float32",
+    "--fp16",
+    "false",
+    "--bf16",
+    "false",
+    "--dataloader_num_workers",
+    "0",
+    "--report_to",
+    "none",
+    "--check_model",
+    "false",
+]
+
+
+class SwiftError(RuntimeError):
+    """An ms-swift command that failed; carries the tail of its log."""
+
+
+def swift_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **OFFLINE_ENV, **(extra or {})}
+
+
+def plugin_args(audio: bool = False) -> list[str]:
+    """`--external_plugins` for teleguard's rewards (and the Qwen2-Audio fixes for audio models)."""
+    plugins = [str(REWARD_PLUGIN)] + ([str(QWEN2_AUDIO_PLUGIN)] if audio else [])
+    return ["--external_plugins", *plugins]
+
+
+def run_swift(
+    command: str,
+    args: Sequence[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> None:
+    """Run `swift <command> <args>`, writing its output to `log_path`; raise SwiftError if it fails."""
+    argv = [sys.executable, "-m", "swift.cli.main", command, *args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as log:
+        log.write(" ".join(argv) + "\n")
+        log.flush()
+        proc = subprocess.run(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=swift_env(env), cwd=cwd, check=False
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise SwiftError(f"swift {command} exited with {proc.returncode} (log: {log_path}):\n{tail}")
+
+
+def latest_run_dir(output_dir: Path) -> Path:
+    """ms-swift writes each run to a fresh `vN-<timestamp>` folder under --output_dir."""
+    runs = sorted((p for p in output_dir.glob("v*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no ms-swift run folder under {output_dir}")
+    return runs[-1]

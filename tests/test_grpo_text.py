@@ -9,7 +9,7 @@ import pytest
 
 from teleguard.contract import Mode, builtin_prompts, round_of_answer
 from teleguard.rewards import REWARDS
-from teleguard.train.swift import CPU_FLAGS, SwiftError, latest_run_dir, plugin_args, run_swift
+from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, latest_run_dir, plugin_args, run_swift
 
 pytestmark = pytest.mark.slow
 
@@ -47,25 +47,25 @@ def write_dataset(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def grpo_args(model, dataset: Path, output_dir: Path, rewards: list[str]) -> list[str]:
-    return [
-        "--rlhf_type", "grpo",
-        *model.swift_args(),
-        "--dataset", str(dataset),
-        *plugin_args(),
-        "--reward_funcs", *rewards,
-        "--use_vllm", "false",
-        "--tuner_type", "lora",
-        "--max_steps", "2",
-        "--per_device_train_batch_size", "2",
-        "--num_generations", "2",
-        "--max_completion_length", "16",
-        "--max_length", "2048",
-        "--logging_steps", "1",
-        "--log_completions", "true",
-        "--save_steps", "2",
-        "--output_dir", str(output_dir),
-        *CPU_FLAGS,
-    ]  # fmt: skip
+    options = {
+        "rlhf_type": "grpo",
+        "dataset": dataset,
+        "reward_funcs": rewards,
+        "use_vllm": False,
+        "enable_thinking": True,
+        "tuner_type": "lora",
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "num_generations": 2,
+        "max_completion_length": 16,
+        "max_length": 2048,
+        "logging_steps": 1,
+        "log_completions": True,
+        "save_steps": 2,
+        "output_dir": output_dir,
+        **CPU_OPTIONS,
+    }
+    return [*model.swift_args(), *plugin_args(), *flags(options)]
 
 
 def test_grpo_calls_the_plugin_rewards_with_dataset_columns(tiny_text_model, tmp_path: Path) -> None:

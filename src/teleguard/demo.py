@@ -16,7 +16,7 @@ from typing import Any
 
 from teleguard.contract import FRAUD, NORMAL, Mode, Round, builtin_prompts
 from teleguard.rewards import REWARDS
-from teleguard.train.swift import CPU_FLAGS, latest_run_dir, plugin_args, run_swift
+from teleguard.train.swift import CPU_OPTIONS, flags, latest_run_dir, plugin_args, run_swift
 
 STAGE1_REWARDS = ["prompt_format", "adaptive_classification", "think_length_reward_300"]
 
@@ -132,47 +132,27 @@ def run_demo(data_dir: Path, out_dir: Path, *, calls: int = 4, steps: int = 2) -
     corpus = corpus_from_paths(sorted(data_dir.glob("*.jsonl"))[:2])
     model = build_tiny_model(out_dir / "tiny-qwen3", "qwen3", corpus)
     train_dir = out_dir / "grpo"
-    run_swift(
-        "rlhf",
-        [
-            "--rlhf_type",
-            "grpo",
-            *model.swift_args(),
-            "--dataset",
-            str(dataset),
-            *plugin_args(),
-            "--reward_funcs",
-            *STAGE1_REWARDS,
-            "--use_vllm",
-            "false",
-            "--tuner_type",
-            "lora",
-            "--max_steps",
-            str(steps),
-            "--per_device_train_batch_size",
-            "2",
-            "--num_generations",
-            "2",
-            "--max_completion_length",
-            "48",
-            "--max_length",
-            "4096",
-            "--temperature",
-            "0.9",
-            "--learning_rate",
-            "3e-5",
-            "--logging_steps",
-            "1",
-            "--log_completions",
-            "true",
-            "--save_steps",
-            str(steps),
-            "--output_dir",
-            str(train_dir),
-            *CPU_FLAGS,
-        ],
-        log_path=out_dir / "grpo.log",
-    )
+    options = {
+        "rlhf_type": "grpo",
+        "dataset": dataset,
+        "reward_funcs": STAGE1_REWARDS,
+        "use_vllm": False,
+        "enable_thinking": True,  # the prompt ends in "<think>\n": the model reasons first
+        "tuner_type": "lora",
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "num_generations": 2,
+        "max_completion_length": 48,
+        "max_length": 4096,
+        "temperature": 0.9,
+        "learning_rate": 3e-5,
+        "logging_steps": 1,
+        "log_completions": True,
+        "save_steps": steps,
+        "output_dir": train_dir,
+        **CPU_OPTIONS,
+    }
+    run_swift("rlhf", [*model.swift_args(), *plugin_args(), *flags(options)], log_path=out_dir / "grpo.log")
     run_dir = latest_run_dir(train_dir)
     summary = {
         "calls": [c.call_id for c in sample],

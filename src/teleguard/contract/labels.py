@@ -27,7 +27,9 @@ SCENES: tuple[Label, ...] = (
     Label("订餐服务", "food ordering", ("restaurant booking", "meal ordering", "food_ordering")),
     Label("咨询客服", "customer service inquiry", ("customer service", "customer_service_inquiry")),
     Label("预约服务", "appointment", ("appointment booking", "reservation")),
-    Label("交通咨询", "transport inquiry", ("transportation inquiry", "transport_inquiry", "traffic inquiry")),
+    Label(
+        "交通咨询", "transport inquiry", ("transportation inquiry", "transport_inquiry", "traffic inquiry")
+    ),
     Label("日常购物", "shopping", ("daily shopping", "online shopping")),
     Label("打车服务", "ride hailing", ("ride-hailing", "taxi", "ride_hailing")),
     Label("外卖服务", "food delivery", ("takeaway", "takeout", "food_delivery")),

@@ -168,7 +168,7 @@ def _as_text(completion: Any) -> str:
 
 
 # Every reward parses the same completions: caching makes the full reward set cost one parse per output.
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=2048)
 def _parse_cached(text: str, expected: Round | None) -> ParsedOutput:
     problems: list[str] = []
 
@@ -184,7 +184,9 @@ def _parse_cached(text: str, expected: Round | None) -> ParsedOutput:
     answer: dict[str, Any] | None = None
     if answer_text is None:
         problems.append(
-            "output ends inside <answer> (truncated)" if "<answer>" in text else "no <answer>...</answer> block"
+            "output ends inside <answer> (truncated)"
+            if "<answer>" in text
+            else "no <answer>...</answer> block"
         )
     else:
         answer, why = _json_object(answer_text, _BARE_JSON_WIDEST)
@@ -243,7 +245,11 @@ def _answer_fields(answer: dict[str, Any], expected: Round | None, problems: lis
         problems.append(f"conversation_stage {stage!r} is not one of {', '.join(STAGES)}")
 
     confidence = answer.get("confidence")
-    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not math.isfinite(confidence):
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, int | float)
+        or not math.isfinite(confidence)
+    ):
         confidence = None
     reason = answer.get("reason")
     return {

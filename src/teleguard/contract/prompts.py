@@ -86,7 +86,9 @@ class PromptSet(_Strict):
         keys = self.answer_keys_nullable if mode is Mode.REALTIME else self.answer_keys
         fields = {
             "scenes": "、".join(SCENE_NAMES) if self.language == "zh" else ", ".join(SCENE_NAMES),
-            "fraud_types": "、".join(FRAUD_TYPE_NAMES) if self.language == "zh" else ", ".join(FRAUD_TYPE_NAMES),
+            "fraud_types": "、".join(FRAUD_TYPE_NAMES)
+            if self.language == "zh"
+            else ", ".join(FRAUD_TYPE_NAMES),
             "stages": " / ".join(STAGES),
             "insufficient": self.insufficient,
             "answer_key": keys.of(round_),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
@@ -18,20 +18,25 @@ from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1"}
 
 # What a CPU-only machine needs (fp32, no worker processes, no hub checks, no external loggers).
-CPU_FLAGS = [
-    "--torch_dtype",
-    "float32",
-    "--fp16",
-    "false",
-    "--bf16",
-    "false",
-    "--dataloader_num_workers",
-    "0",
-    "--report_to",
-    "none",
-    "--check_model",
-    "false",
-]
+CPU_OPTIONS: dict[str, object] = {
+    "torch_dtype": "float32",
+    "fp16": False,
+    "bf16": False,
+    "dataloader_num_workers": 0,
+    "report_to": "none",
+    "check_model": False,
+}
+
+
+def flags(options: Mapping[str, object]) -> list[str]:
+    """ms-swift command-line flags from options: booleans as true/false, lists as several values, None left out."""
+    argv: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        argv += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
 
 
 class SwiftError(RuntimeError):

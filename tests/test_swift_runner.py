@@ -1,0 +1,35 @@
+"""The thin ms-swift runner: flags, errors, run folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teleguard.train.swift import OFFLINE_ENV, SwiftError, flags, latest_run_dir, run_swift, swift_env
+
+
+def test_flags_render_booleans_lists_and_paths() -> None:
+    argv = flags(
+        {"use_vllm": False, "reward_funcs": ["a", "b"], "output_dir": Path("/x"), "seed": None, "lr": 3e-5}
+    )
+    assert argv == ["--use_vllm", "false", "--reward_funcs", "a", "b", "--output_dir", "/x", "--lr", "3e-05"]
+
+
+def test_env_is_offline() -> None:
+    env = swift_env({"EXTRA": "1"})
+    assert all(env[k] == "1" for k in OFFLINE_ENV) and env["EXTRA"] == "1"
+
+
+def test_failing_swift_command_raises_with_log_tail(tmp_path: Path) -> None:
+    with pytest.raises(SwiftError) as err:
+        run_swift("sft", ["--no_such_flag_anywhere", "1"], log_path=tmp_path / "log.txt")
+    assert "swift sft exited with" in str(err.value)
+    assert "no_such_flag_anywhere" in (tmp_path / "log.txt").read_text("utf-8")
+
+
+def test_latest_run_dir(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no ms-swift run folder"):
+        latest_run_dir(tmp_path)
+    (tmp_path / "v0-20260101-000000").mkdir()
+    assert latest_run_dir(tmp_path).name == "v0-20260101-000000"

@@ -28,13 +28,22 @@ from teleguard.contract import (
 
 
 def test_label_sets_match_the_dataset() -> None:
-    assert len(SCENE_NAMES) == 7 and len(FRAUD_TYPE_NAMES) == 8 and STAGES == ("early_stage", "late_stage", "complete")
+    assert (
+        len(SCENE_NAMES) == 7
+        and len(FRAUD_TYPE_NAMES) == 8
+        and STAGES == ("early_stage", "late_stage", "complete")
+    )
     assert "订餐服务" in SCENE_NAMES and "邮件诈骗" in FRAUD_TYPE_NAMES
 
 
 @pytest.mark.parametrize(
     ("spelling", "canonical"),
-    [("Food Ordering", "订餐服务"), ("ride-hailing", "打车服务"), (" takeaway ", "外卖服务"), ("订餐服务", "订餐服务")],
+    [
+        ("Food Ordering", "订餐服务"),
+        ("ride-hailing", "打车服务"),
+        (" takeaway ", "外卖服务"),
+        ("订餐服务", "订餐服务"),
+    ],
 )
 def test_scene_aliases(spelling: str, canonical: str) -> None:
     assert normalize_scene(spelling) == canonical
@@ -138,15 +147,17 @@ def test_parse_fenced_json_with_text_after_answer() -> None:
 
 
 def test_parse_nested_braces_and_raw_newlines() -> None:
-    text = '<think>x</think><answer>{"scene": "订餐服务", "reason": "a\nb", "meta": {"k": [1, {"j": 2}]}, ' \
-           '"confidence": 1, "conversation_stage": "complete"}</answer>'
+    text = (
+        '<think>x</think><answer>{"scene": "订餐服务", "reason": "a\nb", "meta": {"k": [1, {"j": 2}]}, '
+        '"confidence": 1, "conversation_stage": "complete"}</answer>'
+    )
     p = parse_output(text)
     assert p.answer is not None and p.answer["meta"] == {"k": [1, {"j": 2}]}
     assert p.label == "订餐服务" and p.reason == "a b"
 
 
 def test_parse_truncated_output() -> None:
-    p = parse_output('<think>对方自称公安，要求')
+    p = parse_output("<think>对方自称公安，要求")
     assert p.think is None and p.answer is None and p.label is None
     assert "output ends inside <think> (truncated)" in p.problems
     p = parse_output('<think>x</think><answer>{"is_fraud": tr')
@@ -156,8 +167,10 @@ def test_parse_truncated_output() -> None:
 def test_parse_insufficient_information() -> None:
     p = parse_output("<think>只听到问候。</think><answer>信息不足，请提供更多通话内容</answer>")
     assert p.insufficient and p.label is None and "the answer holds no JSON object" in p.problems
-    p = parse_output('<think>x</think><answer>{"conversation_stage": "early_stage", "is_fraud": null, '
-                     '"reason": "information insufficient", "confidence": 0.2}</answer>')
+    p = parse_output(
+        '<think>x</think><answer>{"conversation_stage": "early_stage", "is_fraud": null, '
+        '"reason": "information insufficient", "confidence": 0.2}</answer>'
+    )
     assert p.insufficient and p.well_formed
 
 
@@ -182,10 +195,16 @@ def test_parse_accepts_chat_message_completions() -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1")),
-                 st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
-                              lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3))
-                 .map(lambda v: f"<think>t</think><answer>{json.dumps(v)}</answer>")))
+@given(
+    st.one_of(
+        st.text(),
+        st.binary().map(lambda b: b.decode("latin-1")),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.text(max_size=5),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+        ).map(lambda v: f"<think>t</think><answer>{json.dumps(v)}</answer>"),
+    )
+)
 def test_parser_never_raises(text: str) -> None:
     p = parse_output(text)
     assert p.text == text

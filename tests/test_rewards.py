@@ -65,12 +65,15 @@ FORMAT_CASES = [
     ("missing reason", out(obj(scene="订餐服务", reason=...)), 0.5),
     ("no round key", out(obj()), 0.5),
     ("answer is not JSON", out("信息不足，请提供更多通话内容"), 0.5),
-    ("raw newline inside a string is repaired", out('{"conversation_stage": "complete", "scene": null, '
-                                                   '"reason": "a\nb", "confidence": 1}'), 1.0),
+    (
+        "raw newline inside a string is repaired",
+        out('{"conversation_stage": "complete", "scene": null, "reason": "a\nb", "confidence": 1}'),
+        1.0,
+    ),
     ("nested braces fail the strict bare span", out(obj(scene="订餐服务", extra={"k": 1})), 0.5),
     ("nested braces pass inside a fence", out(obj(scene="订餐服务", extra={"k": 1}), fence=True), 1.0),
     ("no think", '<answer>{"scene": "订餐服务"}</answer>', 0.0),
-    ("answer before think", '<answer>{}</answer><think>x</think>', 0.0),
+    ("answer before think", "<answer>{}</answer><think>x</think>", 0.0),
     ("truncated answer", '<think>x</think><answer>{"scene": "订', 0.0),
     ("one trailing character costs 0.001", out(obj(scene="订餐服务"), after="x"), 0.999),
     ("two trailing characters cost 0.001", out(obj(scene="订餐服务"), after="xy"), 0.999),
@@ -123,7 +126,9 @@ def test_classification(reward: str, answer: object, gold: str, stage: str, expe
 
 
 def test_classification_without_answer_tag_is_zero() -> None:
-    assert score("fraud_classification", "<think>x</think>", answers="fraud", conversation_stage="complete") == 0
+    assert (
+        score("fraud_classification", "<think>x</think>", answers="fraud", conversation_stage="complete") == 0
+    )
 
 
 def test_classification_reads_the_widest_bare_object() -> None:
@@ -220,7 +225,9 @@ def test_think_length_estimate_mixes_scripts() -> None:
 # ----------------------------------------------------------------------------------------------- columns
 
 
-@pytest.mark.parametrize("reward", ["scene_classification", "adaptive_classification", "stage_classification"])
+@pytest.mark.parametrize(
+    "reward", ["scene_classification", "adaptive_classification", "stage_classification"]
+)
 def test_missing_column_is_named(reward: str) -> None:
     with pytest.raises(ValueError, match="conversation_stage"):
         REWARDS[reward]([out(obj())], answers=["订餐服务"])
@@ -233,7 +240,9 @@ def test_missing_answers_column_is_named() -> None:
 
 def test_misaligned_column_is_an_error() -> None:
     with pytest.raises(ValueError, match="2 values for 1 completions"):
-        REWARDS["fraud_classification"]([out(obj())], answers=["fraud", "normal"], conversation_stage=["complete"])
+        REWARDS["fraud_classification"](
+            [out(obj())], answers=["fraud", "normal"], conversation_stage=["complete"]
+        )
 
 
 def test_extra_columns_are_ignored() -> None:
@@ -253,8 +262,9 @@ def test_reward_log_is_off_by_default_and_appends_when_on(tmp_path, monkeypatch)
     try:
         assert log is not None
         for _ in range(3):
-            REWARDS["fraud_classification"]([out(obj(is_fraud=True))], answers=["fraud"],
-                                             conversation_stage=["complete"])
+            REWARDS["fraud_classification"](
+                [out(obj(is_fraud=True))], answers=["fraud"], conversation_stage=["complete"]
+            )
         lines = (tmp_path / "rewards-rank3.jsonl").read_text("utf-8").splitlines()
         assert len(lines) == 3
         row = json.loads(lines[-1])
@@ -281,16 +291,44 @@ RANGES = {
 }
 
 fragments = st.sampled_from(
-    ["<think>", "</think>", "<answer>", "</answer>", "```json", "```", "{", "}", '"scene"', '"is_fraud"',
-     '"fraud_type"', '"conversation_stage"', '"complete"', '"early_stage"', ":", ",", "true", "null", "0.5",
-     '"订餐服务"', '"银行诈骗"', '"reason"', '"confidence"', "\n", "诈骗", "abc "]
+    [
+        "<think>",
+        "</think>",
+        "<answer>",
+        "</answer>",
+        "```json",
+        "```",
+        "{",
+        "}",
+        '"scene"',
+        '"is_fraud"',
+        '"fraud_type"',
+        '"conversation_stage"',
+        '"complete"',
+        '"early_stage"',
+        ":",
+        ",",
+        "true",
+        "null",
+        "0.5",
+        '"订餐服务"',
+        '"银行诈骗"',
+        '"reason"',
+        '"confidence"',
+        "\n",
+        "诈骗",
+        "abc ",
+    ]
 )
 model_outputs = st.one_of(st.text(max_size=300), st.lists(fragments, max_size=40).map("".join))
 
 
 @settings(max_examples=300, deadline=None)
-@given(model_outputs, st.sampled_from(["订餐服务", "fraud", "normal", "银行诈骗", "??"]),
-       st.sampled_from(["early_stage", "late_stage", "complete"]))
+@given(
+    model_outputs,
+    st.sampled_from(["订餐服务", "fraud", "normal", "银行诈骗", "??"]),
+    st.sampled_from(["early_stage", "late_stage", "complete"]),
+)
 def test_rewards_stay_in_range(text: str, gold: str, stage: str) -> None:
     for name, (low, high) in RANGES.items():
         value = REWARDS[name]([text], answers=[gold], conversation_stage=[stage])[0]

@@ -207,7 +207,9 @@ def prompt_format(completions: Sequence[Any], **columns: Any) -> list[float]:
     return values
 
 
-def _classification(name: str, round_: Round | None, completions: Sequence[Any], **columns: Any) -> list[float]:
+def _classification(
+    name: str, round_: Round | None, completions: Sequence[Any], **columns: Any
+) -> list[float]:
     n = len(completions)
     answers = _column(columns, "answers", n, name)
     stages = _column(columns, "conversation_stage", n, name)
@@ -273,8 +275,12 @@ REWARDS: dict[str, RewardFn] = {
     "adaptive_classification": adaptive_classification,
     "new_adaptive_classification": adaptive_classification,  # the name SAFE-QAQ's scripts use
     "stage_classification": stage_classification,
-    "think_length_reward_200": _length_reward("think_length_reward_200", partial(think_length_reward, target=200)),
-    "think_length_reward_300": _length_reward("think_length_reward_300", partial(think_length_reward, target=300)),
+    "think_length_reward_200": _length_reward(
+        "think_length_reward_200", partial(think_length_reward, target=200)
+    ),
+    "think_length_reward_300": _length_reward(
+        "think_length_reward_300", partial(think_length_reward, target=300)
+    ),
     "think_length_penalty_200": _length_reward(
         "think_length_penalty_200", partial(think_length_penalty, start=200, max_penalty=5.0)
     ),

@@ -12,15 +12,17 @@ from rich.console import Console
 from rich.table import Table
 
 from teleguard.contract import Mode, PromptFileError, Round, load_prompts, parse_output
+from teleguard.data.cli import app as data_app
 
 app = typer.Typer(help="teleguard: train and serve slow-thinking call-fraud detectors.", no_args_is_help=True)
 rewards_app = typer.Typer(help="SAFE-QAQ rewards.", no_args_is_help=True)
 prompts_app = typer.Typer(help="The prompts of the task contract.", no_args_is_help=True)
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(prompts_app, name="prompts")
+app.add_typer(data_app, name="data")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # paths and file:line stay on one line
 
 
 def _fail(message: str) -> None:

@@ -1,5 +1,6 @@
 """The task contract shared by training, evaluation and serving: labels, prompts and the one answer parser."""
 
+from teleguard.contract.answers import answer_object, format_answer
 from teleguard.contract.labels import (
     FRAUD,
     FRAUD_ANSWERS,
@@ -36,9 +37,11 @@ __all__ = [
     "PromptSet",
     "Round",
     "Stage",
+    "answer_object",
     "builtin_prompts",
     "english_name",
     "estimate_think_length",
+    "format_answer",
     "load_prompts",
     "normalize_fraud_type",
     "normalize_scene",

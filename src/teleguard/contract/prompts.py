@@ -56,6 +56,13 @@ class PerMode(_Strict):
         return getattr(self, mode.value)
 
 
+class Rationales(_Strict):
+    scene: str
+    fraud: str
+    normal: str
+    fraud_type: str
+
+
 class PromptSet(_Strict):
     """All prompt texts of one language."""
 
@@ -67,6 +74,15 @@ class PromptSet(_Strict):
     answer_keys_nullable: PerRound
     insufficient: str
     modes: PerMode
+    rationales: Rationales
+
+    def rationale(self, round_: Round | str, label: str | bool) -> str:
+        """The reference reasoning for a round's label (warm-start targets, earlier rounds' answers)."""
+        round_ = Round(round_)
+        if round_ is Round.FRAUD:
+            return self.rationales.fraud if label else self.rationales.normal
+        template = self.rationales.scene if round_ is Round.SCENE else self.rationales.fraud_type
+        return _fill(template, {"label": str(label)})
 
     def user_prompt(
         self,

@@ -1,0 +1,1 @@
+"""Call data: records, ingestion, timing, audio, streaming prefixes, round samples, splits, storage."""

@@ -1,0 +1,173 @@
+"""`teleguard data ...`: ingest, audio, prefixes, split, build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import track
+
+from teleguard.data.ingest import FORMATS, IngestError, ingest
+from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
+from teleguard.data.splits import SplitSpec, split_calls
+from teleguard.data.timing import SpeechRate, estimate_times
+
+app = typer.Typer(help="Call data: ingest, synthesize audio, cut prefixes, split, build ms-swift datasets.")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # paths and file:line stay on one line
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _calls(folder: Path):
+    from teleguard.data.dataset import read_calls
+
+    if not folder.exists():
+        _fail(f"{folder}: no such calls folder or file")
+    try:
+        return read_calls(folder)
+    except IngestError as err:
+        _fail(str(err))
+
+
+@app.command("ingest")
+def ingest_command(
+    paths: Annotated[list[Path], typer.Argument(help="source files")],
+    out: Annotated[Path, typer.Option(help="calls folder to write (calls.jsonl + card)")],
+    format: Annotated[str, typer.Option(help=f"one of {', '.join(FORMATS)}")] = "dialogues",
+    skip: Annotated[bool, typer.Option("--skip/--fail", help="skip bad rows (default: fail on any)")] = False,
+    cjk_per_s: Annotated[float, typer.Option(help="speech rate for estimated turn times")] = 4.5,
+    words_per_s: Annotated[float, typer.Option(help="English words per second")] = 2.5,
+) -> None:
+    """Read source files into teleguard call records, with a dataset card. Turn times are estimated."""
+    from teleguard.data.dataset import write_calls
+
+    if format not in FORMATS:
+        _fail(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        calls, report = ingest(paths, format, on_error="skip" if skip else "fail")  # type: ignore[arg-type]
+    except (IngestError, FileNotFoundError) as err:
+        _fail(str(err))
+    rate = SpeechRate(cjk_chars_per_s=cjk_per_s, words_per_s=words_per_s)
+    calls = [estimate_times(c, rate) for c in track(calls, description="timing turns")]
+    for rejection in report.rejected:
+        err_console.print(f"[yellow]skipped[/yellow] {rejection}", highlight=False)
+    write_calls(
+        out,
+        calls,
+        title="ingested calls",
+        format=format,
+        inputs=[str(p) for p in paths],
+        rejected=len(report.rejected),
+        per_file=report.per_file,
+    )
+    console.print(f"{report.accepted} calls accepted, {len(report.rejected)} rejected -> {out}")
+
+
+@app.command("split")
+def split_command(
+    calls: Annotated[Path, typer.Argument(help="calls folder")],
+    out: Annotated[Path, typer.Option(help="folder for train/dev/test calls folders")],
+    train: float = 0.8,
+    dev: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+) -> None:
+    """Split calls into train/dev/test by call, stratified by label, deterministically."""
+    from pydantic import ValidationError
+
+    from teleguard.data.dataset import write_calls
+
+    try:
+        spec = SplitSpec(train=train, dev=dev, test=test, seed=seed)
+    except ValidationError as err:
+        _fail(err.errors(include_url=False)[0]["msg"])
+    for name, part in split_calls(_calls(calls), spec).items():
+        write_calls(out / name, part, title=f"{name} split", split=name, seed=seed)
+        console.print(f"{name}: {len(part)} calls")
+
+
+@app.command("prefixes")
+def prefixes_command(
+    calls: Annotated[Path, typer.Argument(help="calls folder")],
+    out: Annotated[Path, typer.Option(help="JSONL file of prefixes to write")],
+    early_until: float = 0.4,
+    per_stage: Annotated[int, typer.Option(help="prefixes per stage and call; 0 = every turn boundary")] = 1,
+) -> None:
+    """Cut calls into streaming prefixes labelled with their conversation stage."""
+    policy = PrefixPolicy(early_until=early_until, per_stage=per_stage or None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with out.open("w", encoding="utf-8") as f:
+        for call in track(_calls(calls), description="cutting prefixes"):
+            for p in cut_prefixes(call, policy):
+                row = {"prefix_id": p.prefix_id, "call_id": p.parent_id, "stage": str(p.stage), "turns": p.turns,
+                       "end_s": p.end_s, "transcript": p.call.transcript()}  # fmt: skip
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    console.print(f"{n} prefixes -> {out}")
+
+
+@app.command("audio")
+def audio_command(
+    calls: Annotated[Path, typer.Argument(help="calls folder")],
+    out: Annotated[Path, typer.Option(help="calls folder to write, with audio/ beside calls.jsonl")],
+    limit: Annotated[int | None, typer.Option(help="synthesize only the first N calls")] = None,
+) -> None:
+    """Synthesize stereo 16 kHz call audio offline (espeak-ng), re-timing turns to match the audio."""
+    from teleguard.data.audio import synthesize_call
+    from teleguard.data.dataset import write_calls
+
+    records = _calls(calls)[:limit]
+    synthesized = []
+    for call in track(records, description="synthesizing"):
+        wav = out / "audio" / f"{_safe(call.call_id)}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        done = synthesize_call(call, wav)
+        synthesized.append(done)
+    write_calls(out, synthesized, title="calls with synthesized audio")
+    console.print(f"{len(synthesized)} calls with audio -> {out}")
+
+
+@app.command("build")
+def build_command(
+    splits: Annotated[Path, typer.Argument(help="folder of train/dev/test calls folders")],
+    out: Annotated[Path, typer.Option(help="dataset folder to write")],
+    modality: Annotated[str, typer.Option(help="text or audio")] = "text",
+    prompts: Annotated[str | None, typer.Option(help="zh, en, or a prompt file")] = None,
+    early_until: float = 0.4,
+    per_stage: int = 1,
+) -> None:
+    """Build the ms-swift datasets of every stage (sft, grpo, realtime) for each split."""
+    from teleguard.data.dataset import build_datasets
+
+    if modality not in ("text", "audio"):
+        _fail(f"unknown modality {modality!r}; choose text or audio")
+    clip_maker = None
+    if modality == "audio":
+        from teleguard.data.audio_clips import ClipWriter
+
+        clip_maker = ClipWriter(out / "clips")
+    try:
+        cards = build_datasets(
+            splits,
+            out,
+            modality=modality,  # type: ignore[arg-type]
+            prompts=prompts,
+            policy=PrefixPolicy(early_until=early_until, per_stage=per_stage or None),
+            clip_maker=clip_maker,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    for name, card in cards.items():
+        console.print(f"{name}: {card['rows']}")
+
+
+def _safe(call_id: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in call_id)

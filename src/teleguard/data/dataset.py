@@ -1,0 +1,152 @@
+"""Folders of calls and of ms-swift datasets: reading, writing and building them for every stage.
+
+A calls folder holds `calls.jsonl` (teleguard's record format) and a dataset card; a splits folder holds one
+calls folder per split (train/dev/test). `build_datasets` turns a splits folder into, per split:
+
+    <split>/sft.jsonl       warm-start SFT: whole calls, offline prompts, assistant targets for every round
+    <split>/grpo.jsonl      stage 1 / 2a / 2c: whole calls, offline prompts, prompt-only rows with ground truth
+    <split>/realtime.jsonl  stage 3: streaming prefixes labelled early_stage / late_stage / complete
+    <split>/card.json       what the split holds
+
+in one modality (text: the transcript in the prompt; audio: the audio in `audios`, clipped to <= 30 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.progress import track
+
+from teleguard.contract import Mode, load_prompts
+from teleguard.data.card import call_card, write_card
+from teleguard.data.ingest import ingest
+from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
+from teleguard.data.records import CallRecord
+from teleguard.data.rounds import Modality, RowBuilder, Sample, sample_of_call
+from teleguard.data.splits import SPLITS
+from teleguard.data.timing import SpeechRate, estimate_times
+
+CALLS_FILE = "calls.jsonl"
+
+# (call, end second or None for the whole call, cut number) -> audio clip paths
+ClipMaker = Callable[[CallRecord, float | None, int], Sequence[str]]
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def write_calls(folder: Path, calls: Iterable[CallRecord], *, title: str = "calls", **card: Any) -> Path:
+    """calls.jsonl and a card; local audio paths are stored relative to the folder, so it can move."""
+    folder.mkdir(parents=True, exist_ok=True)
+    calls = list(calls)
+    path = folder / CALLS_FILE
+    with path.open("w", encoding="utf-8") as f:
+        for call in calls:
+            if call.audio and not _is_uri(call.audio):
+                call = call.model_copy(
+                    update={"audio": os.path.relpath(Path(call.audio).resolve(), folder.resolve())}
+                )
+            f.write(call.model_dump_json(exclude_defaults=True) + "\n")
+    write_card(folder, call_card(calls, **card), title)
+    return path
+
+
+def read_calls(folder: Path) -> list[CallRecord]:
+    """Calls from a folder (or a calls.jsonl file), with local audio paths made absolute."""
+    path = folder / CALLS_FILE if folder.is_dir() else folder
+    calls, _ = ingest([path], "teleguard", on_error="fail")
+    return [
+        c.model_copy(update={"audio": str((path.parent / c.audio).resolve())})
+        if c.audio and not _is_uri(c.audio)
+        else c
+        for c in calls
+    ]
+
+
+def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def build_split(
+    calls: list[CallRecord],
+    out: Path,
+    *,
+    modality: Modality = "text",
+    prompts: str | Path | None = None,
+    policy: PrefixPolicy | None = None,
+    rate: SpeechRate | None = None,
+    clip_maker: ClipMaker | None = None,
+    progress: str | None = None,
+) -> dict[str, Any]:
+    """The three datasets of one split; returns its card."""
+    if modality == "audio" and clip_maker is None:
+        raise ValueError("the audio modality needs a clip maker (teleguard.data.audio)")
+    prompt_set = load_prompts(prompts)
+    offline = RowBuilder(prompt_set, Mode.OFFLINE, modality)
+    realtime = RowBuilder(prompt_set, Mode.REALTIME, modality)
+    out.mkdir(parents=True, exist_ok=True)
+    sft, grpo, live = [], [], []
+    stages: Counter[str] = Counter()
+    tasks: Counter[str] = Counter()
+    items = track(calls, description=progress) if progress else calls
+    for call in items:
+        call = estimate_times(call, rate)
+        clips = clip_maker(call, None, len(call.turns)) if clip_maker else ()
+        whole = sample_of_call(call, clips)
+        sft.append(offline.sft_row(whole))
+        grpo += offline.grpo_rows(whole)
+        if not call.turns:
+            continue  # audio-only calls have no turn boundaries to cut at
+        for prefix in cut_prefixes(call, policy, rate):
+            cut = None if prefix.turns == len(call.turns) else prefix.end_s
+            sample = Sample(
+                call=prefix.call,
+                call_id=prefix.parent_id,
+                stage=prefix.stage,
+                audio_idx=prefix.turns,
+                audio_length=prefix.end_s,
+                clips=clip_maker(call, cut, prefix.turns) if clip_maker else (),
+            )
+            rows = realtime.grpo_rows(sample)
+            live += rows
+            stages.update(r["conversation_stage"] for r in rows)
+    tasks.update(r["task"] for r in grpo)
+    counts = {
+        "sft_rows": write_rows(out / "sft.jsonl", sft),
+        "grpo_rows": write_rows(out / "grpo.jsonl", grpo),
+        "realtime_rows": write_rows(out / "realtime.jsonl", live),
+    }
+    card = call_card(
+        calls,
+        modality=modality,
+        language=prompt_set.language,
+        rows=counts,
+        grpo_rows_per_task=dict(tasks),
+        realtime_rows_per_stage=dict(stages),
+    )
+    write_card(out, card, f"{out.name} ({modality})")
+    return card
+
+
+def build_datasets(splits_dir: Path, out: Path, **options: Any) -> dict[str, dict[str, Any]]:
+    """Build every split found in `splits_dir` (train/dev/test calls folders)."""
+    present = [name for name in SPLITS if (splits_dir / name / CALLS_FILE).is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"{splits_dir}: no split folders with {CALLS_FILE} (run `teleguard data split`)"
+        )
+    return {
+        name: build_split(read_calls(splits_dir / name), out / name, progress=f"building {name}", **options)
+        for name in present
+    }

@@ -1,0 +1,129 @@
+"""Round samples: the three-round conversation about a call (or a prefix) as ms-swift JSONL rows.
+
+Rounds: scene (only where the call has a scene label), is_fraud (always), fraud_type (fraud calls with a type).
+As in SAFE-QAQ, each later round sees the earlier rounds' turns: the call and the first question, the reference
+answer, the next question, and so on. The call goes into the first user message: as text (the transcript) or
+as audio (one `<audio>` tag per clip, the clips listed in `audios`).
+
+GRPO rows are prompt-only (`messages` ends with the round's question) and carry the ground truth for the
+rewards: `answers` (scene name, fraud/normal, or fraud-type name), `conversation_stage`, plus `task` (the
+round), `call_id` (the whole call's id, shared by its prefixes), `audio_idx` (which cut of the call: the
+number of turns it holds) and `audio_length` (seconds of call audio in the prompt).
+
+SFT rows hold the whole conversation with assistant targets for every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from teleguard.contract import FRAUD, NORMAL, Mode, PromptSet, Round, Stage, format_answer
+from teleguard.data.records import CallLabels, CallRecord
+
+Modality = Literal["text", "audio"]
+
+
+@dataclass(frozen=True)
+class RoundTruth:
+    round: Round
+    answer: str  # the `answers` column: a scene, fraud/normal, or a fraud type
+    label: str | bool  # the value of the round's JSON key
+
+
+def round_truths(labels: CallLabels) -> list[RoundTruth]:
+    truths = []
+    if labels.scene is not None:
+        truths.append(RoundTruth(Round.SCENE, labels.scene, labels.scene))
+    truths.append(RoundTruth(Round.FRAUD, FRAUD if labels.is_fraud else NORMAL, labels.is_fraud))
+    if labels.is_fraud and labels.fraud_type is not None:
+        truths.append(RoundTruth(Round.FRAUD_TYPE, labels.fraud_type, labels.fraud_type))
+    return truths
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A call or one of its prefixes, ready to be turned into rows."""
+
+    call: CallRecord
+    call_id: str  # the whole call's id
+    stage: Stage
+    audio_idx: int
+    audio_length: float
+    clips: Sequence[str] = ()  # audio clip paths (audio modality)
+
+
+def sample_of_call(call: CallRecord, clips: Sequence[str] = ()) -> Sample:
+    return Sample(
+        call=call,
+        call_id=call.call_id,
+        stage=Stage.COMPLETE,
+        audio_idx=len(call.turns),
+        audio_length=float(call.duration or 0.0),
+        clips=clips,
+    )
+
+
+class RowBuilder:
+    """Turns samples into ms-swift rows with one prompt set, mode and modality."""
+
+    def __init__(self, prompts: PromptSet, mode: Mode, modality: Modality, *, system: bool = True) -> None:
+        self.prompts, self.mode, self.modality, self.system = prompts, Mode(mode), modality, system
+
+    def _question(self, sample: Sample, round_: Round, first: bool) -> str:
+        if not first:
+            return self.prompts.user_prompt(round_, self.mode, with_call=False)
+        if self.modality == "audio":
+            if not sample.clips:
+                raise ValueError(f"call {sample.call_id}: the audio modality needs audio clips")
+            question = self.prompts.user_prompt(round_, self.mode, audio=True)
+            # one <audio> tag per clip: a model of the Qwen2-Audio class holds at most 30 s per clip
+            return "<audio>" * (len(sample.clips) - 1) + question
+        if not sample.call.turns:
+            raise ValueError(f"call {sample.call_id}: the text modality needs a transcript")
+        return self.prompts.user_prompt(round_, self.mode, transcript=sample.call.transcript())
+
+    def _answer(self, truth: RoundTruth, stage: Stage) -> str:
+        think = None if self.mode is Mode.DIRECT else self.prompts.rationale(truth.round, truth.label)
+        reason = self.prompts.rationale(truth.round, truth.label)
+        return format_answer(truth.round, truth.label, stage=stage, reason=reason, think=think)
+
+    def _head(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.prompts.system}] if self.system else []
+
+    def _extra(self, sample: Sample) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "call_id": sample.call_id,
+            "audio_idx": sample.audio_idx,
+            "audio_length": round(sample.audio_length, 3),
+        }
+        if self.modality == "audio":
+            extra["audios"] = list(sample.clips)
+        return extra
+
+    def grpo_rows(self, sample: Sample) -> list[dict[str, Any]]:
+        """One prompt-only row per round; each sees the earlier rounds with their reference answers."""
+        rows, messages = [], self._head()
+        for i, truth in enumerate(round_truths(sample.call.labels)):
+            messages = [*messages, {"role": "user", "content": self._question(sample, truth.round, i == 0)}]
+            rows.append(
+                {
+                    "messages": messages,
+                    "answers": truth.answer,
+                    "conversation_stage": str(sample.stage),
+                    "task": truth.round.value,
+                    **self._extra(sample),
+                }
+            )
+            messages = [*messages, {"role": "assistant", "content": self._answer(truth, sample.stage)}]
+        return rows
+
+    def sft_row(self, sample: Sample) -> dict[str, Any]:
+        """The whole conversation with an assistant target for every round."""
+        messages = self._head()
+        truths = round_truths(sample.call.labels)
+        for i, truth in enumerate(truths):
+            messages.append({"role": "user", "content": self._question(sample, truth.round, i == 0)})
+            messages.append({"role": "assistant", "content": self._answer(truth, sample.stage)})
+        return {"messages": messages, "conversation_stage": str(sample.stage), **self._extra(sample)}

@@ -1,0 +1,345 @@
+"""Call data: ingestion, timing, prefixes, round samples, splits and dataset building."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from teleguard.cli import app
+from teleguard.contract import Stage, builtin_prompts, format_answer, parse_output
+from teleguard.data.dataset import build_split, read_calls, write_calls
+from teleguard.data.ingest import IngestError, ingest
+from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
+from teleguard.data.records import CallLabels, CallRecord, Turn
+from teleguard.data.rounds import RowBuilder, Sample, sample_of_call
+from teleguard.data.splits import SplitSpec, split_calls
+from teleguard.data.timing import SpeechRate, estimate_times
+from teleguard.rewards import REWARDS
+
+from .conftest import TRANSCRIPTS_DIR
+
+
+@pytest.fixture(scope="module")
+def dialogue_files() -> list[Path]:
+    files = sorted(TRANSCRIPTS_DIR.glob("*_dialogues-*.jsonl"))
+    if not files:
+        pytest.skip("the shared TeleAntiFraud transcripts are not beside this checkout (../shared/data)")
+    return files
+
+
+@pytest.fixture(scope="module")
+def all_calls(dialogue_files: list[Path]) -> list[CallRecord]:
+    calls, report = ingest(dialogue_files, "dialogues")
+    assert not report.rejected
+    return calls
+
+
+def dialogue_row(tts_id: str = "tts_1", **over: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "tts_id": tts_id,
+        "left": ["您好，这里是银行客服，您的账户有异常。", "请提供验证码。"],
+        "right": ["什么异常？", ""],
+        "fraud_type": "银行诈骗",
+        "user_age": 30,
+        "user_awareness": "中",
+        "occupation": "教师",
+    }
+    row.update(over)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------- ingestion
+
+
+def test_every_shared_dialogue_is_accepted_with_source_label_counts(dialogue_files, all_calls) -> None:
+    source: Counter[tuple[bool, str]] = Counter()
+    for path in dialogue_files:
+        for line in path.read_text("utf-8").splitlines():
+            source[(path.name.startswith("fraud"), json.loads(line)["fraud_type"])] += 1
+    ingested = Counter((c.labels.is_fraud, c.labels.fraud_type or c.labels.scene) for c in all_calls)
+    assert ingested == source
+    assert len(all_calls) == sum(source.values()) == 7942
+    assert all(c.turns and c.timed is False for c in all_calls)  # times come from the timing step
+
+
+def test_same_tts_id_in_two_files_stays_two_calls(dialogue_files, all_calls) -> None:
+    by_tts = Counter(c.meta["tts_id"] for c in all_calls)
+    shared_id, count = by_tts.most_common(1)[0]
+    assert count >= 2
+    ids = [c.call_id for c in all_calls if c.meta["tts_id"] == shared_id]
+    assert len(set(ids)) == count and all(i.endswith("/" + shared_id) for i in ids)
+
+
+def test_empty_utterances_are_dropped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "fraud_dialogues-x.jsonl"
+    path.write_text(json.dumps(dialogue_row(), ensure_ascii=False) + "\n", "utf-8")
+    [call], _ = ingest([path], "dialogues")
+    assert [t.speaker for t in call.turns] == ["left", "right", "left"]
+    assert call.meta["dropped_empty_turns"] == 1
+    assert call.callee is not None and call.callee.age == 30
+    assert call.labels == CallLabels(is_fraud=True, fraud_type="银行诈骗")
+
+
+MALFORMED = [
+    ("bad JSON", '{"tts_id": "x", "left": [', ""),
+    ("missing field", json.dumps({k: v for k, v in dialogue_row("m").items() if k != "left"}), "left"),
+    ("unknown label", json.dumps(dialogue_row("u", fraud_type="外星诈骗"), ensure_ascii=False), "fraud_type"),
+    ("empty turns", json.dumps(dialogue_row("e", left=[], right=[]), ensure_ascii=False), "left"),
+    ("blank turns", json.dumps(dialogue_row("b", left=[" "], right=[""]), ensure_ascii=False), "left"),
+    ("wrong type", json.dumps(dialogue_row("w", left="一句话"), ensure_ascii=False), "left"),
+    ("wrong nested type", json.dumps(dialogue_row("n", right=["好", 3]), ensure_ascii=False), "right.1"),
+    ("wrong age type", json.dumps(dialogue_row("a", user_age="三十"), ensure_ascii=False), "user_age"),
+    ("duplicate id", json.dumps(dialogue_row("good1"), ensure_ascii=False), "call_id"),
+]
+
+
+def write_malformed(tmp_path: Path) -> Path:
+    path = tmp_path / "fraud_dialogues-bad.jsonl"
+    lines = [json.dumps(dialogue_row("good1"), ensure_ascii=False)]
+    for _, text, _ in MALFORMED:
+        lines.append(text)
+        lines.append(json.dumps(dialogue_row(f"good{len(lines)}"), ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", "utf-8")
+    return path
+
+
+def test_each_malformed_row_is_reported_with_line_and_field(tmp_path: Path) -> None:
+    path = write_malformed(tmp_path)
+    calls, report = ingest([path], "dialogues", on_error="skip")
+    assert len(calls) == len(MALFORMED) + 1  # every good row around the bad ones survives
+    assert report.accepted == len(calls) and len(report.rejected) == len(MALFORMED)
+    for (kind, _, field), rejection in zip(MALFORMED, report.rejected, strict=True):
+        assert rejection.path == str(path)
+        assert rejection.field == field, kind
+        assert str(rejection).startswith(f"{path}:{rejection.line}: "), kind
+    assert [r.line for r in report.rejected] == list(range(2, 2 * len(MALFORMED) + 1, 2))
+    assert report.per_file[str(path)] == {"accepted": len(calls), "rejected": len(MALFORMED)}
+
+
+def test_fail_mode_reports_every_rejection(tmp_path: Path) -> None:
+    path = write_malformed(tmp_path)
+    with pytest.raises(IngestError) as err:
+        ingest([path], "dialogues")
+    assert err.value.report.accepted == len(MALFORMED) + 1
+    assert f"{len(MALFORMED)} row(s) rejected" in str(err.value)
+    assert f"{path}:2: " in str(err.value)
+
+
+def test_sft_release_rows(tmp_path: Path) -> None:
+    def turn(role: str, content: str) -> dict[str, str]:
+        return {"role": role, "content": content}
+
+    rows = [
+        {
+            "messages": [
+                turn("user", "<audio>场景？"),
+                turn("assistant", format_answer("scene", "外卖服务", think="外卖")),
+                turn("user", "诈骗？"),
+                turn("assistant", format_answer("is_fraud", False, think="正常")),
+            ],
+            "audios": ["a/1.wav"],
+        },
+        {
+            "messages": [turn("user", "<audio>诈骗？"), turn("assistant", format_answer("is_fraud", True))],
+            "audios": ["a/2.wav"],
+        },
+        {"messages": [turn("user", "<audio>?")], "audios": ["a/3.wav"]},  # odd number of messages
+        {"messages": [turn("user", "x"), turn("assistant", "no answer")], "audios": ["a/4.wav"]},
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", "utf-8")
+    calls, report = ingest([path], "sft", on_error="skip")
+    assert [c.labels for c in calls] == [
+        CallLabels(is_fraud=False, scene="外卖服务"),
+        CallLabels(is_fraud=True),
+    ]
+    assert calls[0].audio == "a/1.wav" and not calls[0].turns
+    assert [(r.line, r.field) for r in report.rejected] == [(3, "messages"), (4, "messages.1.content")]
+
+
+def test_binary_classification_json(tmp_path: Path) -> None:
+    rows = [
+        {"audio": "x/1.wav", "label": 1},
+        {"audio_path": "x/2.wav", "label": "正常"},
+        {"path": "x/3.wav", "is_fraud": True},
+        {"audio": "x/4.wav", "label": "不正常"},  # must not be read as 正常
+        {"label": 0},
+    ]
+    path = tmp_path / "binary_test.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), "utf-8")
+    calls, report = ingest([path], "binary", on_error="skip")
+    assert [c.labels.is_fraud for c in calls] == [True, False, True]
+    assert [(r.line, r.field) for r in report.rejected] == [(4, "label"), (5, "audio")]
+
+
+def test_teleguard_format_round_trip(tmp_path: Path, all_calls) -> None:
+    calls = [estimate_times(c) for c in all_calls[:50]]
+    write_calls(tmp_path / "calls", calls)
+    assert read_calls(tmp_path / "calls") == calls
+    card = json.loads((tmp_path / "calls" / "card.json").read_text("utf-8"))
+    assert card["calls"] == 50 and sum(card["per_label"].values()) == 50
+    assert card["duration_s"]["timed_calls"] == 50
+
+
+# ------------------------------------------------------------------------------------------ timing, prefixes
+
+
+def call_of(n_turns: int, *, is_fraud: bool = True) -> CallRecord:
+    turns = tuple(Turn(speaker="left" if i % 2 == 0 else "right", text="字" * 9) for i in range(n_turns))
+    labels = (
+        CallLabels(is_fraud=True, fraud_type="投资诈骗")
+        if is_fraud
+        else CallLabels(is_fraud=False, scene="打车服务")
+    )
+    return CallRecord(call_id=f"c{n_turns}", source="test", turns=turns, labels=labels)
+
+
+def test_estimated_times_follow_the_speech_rate() -> None:
+    rate = SpeechRate(cjk_chars_per_s=3.0, gap_s=0.5)
+    timed = estimate_times(call_of(4), rate)
+    assert [(t.start, t.end) for t in timed.turns] == [(0.0, 3.0), (3.5, 6.5), (7.0, 10.0), (10.5, 13.5)]
+    assert timed.duration == 13.5 and timed.meta["times"] == "estimated"
+    assert estimate_times(timed, SpeechRate(cjk_chars_per_s=1.0)) is timed  # already timed: unchanged
+
+
+def test_prefix_stages_on_a_known_call() -> None:
+    # 10 equal turns of 3 s with 0.5 s gaps: turn k ends at 3.5k - 0.5; the call lasts 34.5 s.
+    call = estimate_times(call_of(10), SpeechRate(cjk_chars_per_s=3.0, gap_s=0.5))
+    every = cut_prefixes(call, PrefixPolicy(per_stage=None, early_until=0.4))
+    assert [p.turns for p in every] == list(range(2, 11))
+    stages = {p.turns: p.stage for p in every}
+    assert all(stages[k] == Stage.EARLY for k in (2, 3, 4))  # ends at <= 13.8 s = 40 % of 34.5 s
+    assert all(stages[k] == Stage.LATE for k in range(5, 10))
+    assert stages[10] == Stage.COMPLETE and every[-1].call == call
+    assert every[1].end_s == 10.0 and len(every[1].call.turns) == 3 and every[1].call.labels == call.labels
+    sampled = cut_prefixes(call, PrefixPolicy(per_stage=1))
+    assert [p.stage for p in sampled] == [Stage.EARLY, Stage.LATE, Stage.COMPLETE]
+    assert sampled == cut_prefixes(call, PrefixPolicy(per_stage=1))  # deterministic per call id
+
+
+# ----------------------------------------------------------------------------------------------- round rows
+
+
+def test_round_structure_for_fraud_and_normal_calls() -> None:
+    builder = RowBuilder(builtin_prompts("zh"), "offline", "text")
+    fraud = builder.grpo_rows(sample_of_call(estimate_times(call_of(3))))
+    assert [(r["task"], r["answers"]) for r in fraud] == [("is_fraud", "fraud"), ("fraud_type", "投资诈骗")]
+    normal = builder.grpo_rows(sample_of_call(estimate_times(call_of(3, is_fraud=False))))
+    assert [(r["task"], r["answers"]) for r in normal] == [("scene", "打车服务"), ("is_fraud", "normal")]
+    first, second = normal
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
+    assert second["messages"][:2] == first["messages"]  # the later round sees the earlier one
+    assert parse_output(second["messages"][2]["content"]).label == "打车服务"
+    assert "左：" in first["messages"][1]["content"] and "左：" not in second["messages"][3]["content"]
+    assert first["conversation_stage"] == "complete" and first["call_id"] == "c3" and first["audio_idx"] == 3
+
+
+def test_reference_answers_earn_full_rewards() -> None:
+    builder = RowBuilder(builtin_prompts("en"), "realtime", "text")
+    call = estimate_times(call_of(6))
+    prefix = cut_prefixes(call)[0]
+    rows = builder.grpo_rows(Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s))
+    sft = RowBuilder(builtin_prompts("en"), "realtime", "text").sft_row(
+        Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s)
+    )
+    targets = [m["content"] for m in sft["messages"] if m["role"] == "assistant"]
+    columns = {
+        "answers": [r["answers"] for r in rows],
+        "conversation_stage": [r["conversation_stage"] for r in rows],
+    }
+    assert REWARDS["prompt_format"](targets) == [1.0, 1.0]
+    assert REWARDS["adaptive_classification"](targets, **columns) == [5.0, 5.0]
+    assert REWARDS["stage_classification"](targets, **columns) == [5.0, 5.0]
+
+
+def test_audio_rows_put_one_audio_tag_per_clip() -> None:
+    builder = RowBuilder(builtin_prompts("zh"), "offline", "audio")
+    call = estimate_times(call_of(3))
+    rows = builder.grpo_rows(sample_of_call(call, clips=["a.wav", "b.wav"]))
+    assert rows[0]["audios"] == ["a.wav", "b.wav"]
+    assert rows[0]["messages"][1]["content"].count("<audio>") == 2
+    assert "左：" not in rows[0]["messages"][1]["content"]
+    with pytest.raises(ValueError, match="needs audio clips"):
+        builder.grpo_rows(sample_of_call(call))
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+
+def test_splits_are_deterministic_stratified_and_disjoint(all_calls) -> None:
+    shuffled = list(reversed(all_calls))
+    a, b = split_calls(all_calls), split_calls(shuffled)
+    assert {k: [c.call_id for c in v] for k, v in a.items()} == {
+        k: [c.call_id for c in v] for k, v in b.items()
+    }
+    ids = {k: {c.call_id for c in v} for k, v in a.items()}
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["dev"] and not ids["dev"] & ids["test"]
+    assert sum(map(len, ids.values())) == len(all_calls)
+    for label, total in Counter(c.labels.name for c in all_calls).items():
+        in_test = sum(c.labels.name == label for c in a["test"])
+        assert abs(in_test - 0.1 * total) <= 1, label
+    other = split_calls(all_calls, SplitSpec(seed=1))
+    assert {c.call_id for c in other["test"]} != ids["test"]
+    with pytest.raises(ValueError, match="must be 1"):
+        SplitSpec(train=0.9, dev=0.1, test=0.1)
+
+
+def test_built_datasets_keep_test_calls_out_of_training(tmp_path: Path, all_calls) -> None:
+    subset = [c for i, c in enumerate(all_calls) if i % 40 == 0]
+    parts = split_calls(subset)
+    for name in ("train", "test"):
+        build_split(parts[name], tmp_path / name)
+    train_ids = {
+        json.loads(line)["call_id"]
+        for file in ("grpo.jsonl", "realtime.jsonl")
+        for line in (tmp_path / "train" / file).read_text("utf-8").splitlines()
+    }
+    test_ids = {
+        json.loads(line)["call_id"]
+        for line in (tmp_path / "test" / "realtime.jsonl").read_text("utf-8").splitlines()
+    }
+    assert train_ids == {c.call_id for c in parts["train"]} and test_ids <= {c.call_id for c in parts["test"]}
+    assert not train_ids & test_ids
+    card = json.loads((tmp_path / "train" / "card.json").read_text("utf-8"))
+    assert card["rows"]["sft_rows"] == len(parts["train"])
+    assert set(card["realtime_rows_per_stage"]) == {"early_stage", "late_stage", "complete"}
+
+
+def test_cli_sequence_from_transcripts_to_datasets(tmp_path: Path, dialogue_files) -> None:
+    runner = CliRunner()
+    normal = [p for p in dialogue_files if p.name.startswith("normal")]
+    result = runner.invoke(app, ["data", "ingest", *map(str, normal), "--out", str(tmp_path / "calls")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "split", str(tmp_path / "calls"), "--out", str(tmp_path / "splits")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "build", str(tmp_path / "splits"), "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 0, result.output
+    for split in ("train", "dev", "test"):
+        for file in ("sft.jsonl", "grpo.jsonl", "realtime.jsonl", "card.json", "card.md"):
+            assert (tmp_path / "ds" / split / file).stat().st_size > 0
+    row = json.loads((tmp_path / "ds" / "dev" / "grpo.jsonl").read_text("utf-8").splitlines()[0])
+    assert {
+        "messages",
+        "answers",
+        "conversation_stage",
+        "task",
+        "call_id",
+        "audio_idx",
+        "audio_length",
+    } <= set(row)
+
+
+def test_cli_ingest_reports_bad_rows(tmp_path: Path) -> None:
+    path = write_malformed(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "ingest", str(path), "--out", str(tmp_path / "calls")])
+    assert result.exit_code == 2 and f"{path}:4: field 'left'" in result.output
+    assert not (tmp_path / "calls").exists()
+    result = runner.invoke(app, ["data", "ingest", str(path), "--skip", "--out", str(tmp_path / "calls")])
+    assert result.exit_code == 0 and "10 calls accepted, 9 rejected" in result.output
+    assert len(read_calls(tmp_path / "calls")) == 10

@@ -4,15 +4,22 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= ../shared/data/teleantifraud-dialogues
+DEB_PACKAGES := espeak-ng
 
 # Nothing is ever fetched from a model or data hub at run time.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup system-packages demo test lint format bench clean
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# Debian packages: espeak-ng synthesizes call audio offline. Installed only when a command is missing.
+system-packages:
+	@command -v espeak-ng >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PACKAGES); }
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "teleguard needs Python >= 3.11")'
@@ -37,7 +44,9 @@ format: setup
 	$(BIN)/ruff format src tests bench
 
 bench: setup
-	$(BIN)/python bench/bench_rewards.py --out docs/benchmarks-rewards.json
+	$(BIN)/python bench/bench_rewards.py --out docs/bench-rewards.json
+	$(BIN)/python bench/bench_data.py --out docs/bench-data.json
+	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -343,3 +343,30 @@ def test_cli_ingest_reports_bad_rows(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "ingest", str(path), "--skip", "--out", str(tmp_path / "calls")])
     assert result.exit_code == 0 and "10 calls accepted, 9 rejected" in result.output
     assert len(read_calls(tmp_path / "calls")) == 10
+
+
+def test_audio_modality_from_synthesized_calls(tmp_path: Path) -> None:
+    from teleguard.data.audio import read_audio, synthesize_call
+    from teleguard.data.audio_clips import ClipWriter
+
+    # a call long enough (about 40 s of speech) to need two clips when whole
+    turns = tuple(
+        Turn(speaker="left" if i % 2 == 0 else "right", text="您好，请问您需要什么帮助？" * 3)
+        for i in range(6)
+    )
+    call = CallRecord(
+        call_id="a/1", source="test", turns=turns, labels=CallLabels(is_fraud=False, scene="咨询客服")
+    )
+    voiced = synthesize_call(call, tmp_path / "audio" / "a1.wav")
+    write_calls(tmp_path / "calls", [voiced])
+    [loaded] = read_calls(tmp_path / "calls")
+    assert Path(loaded.audio).is_file() and loaded.turns == voiced.turns
+    build_split([loaded], tmp_path / "ds", modality="audio", clip_maker=ClipWriter(tmp_path / "clips"))
+    rows = [json.loads(x) for x in (tmp_path / "ds" / "realtime.jsonl").read_text("utf-8").splitlines()]
+    assert {r["conversation_stage"] for r in rows} == {"early_stage", "late_stage", "complete"}
+    for row in rows:
+        clips = [read_audio(p)[0] for p in row["audios"]]
+        assert all(len(c) <= 30 * 16000 for c in clips)
+        assert sum(len(c) for c in clips) == pytest.approx(row["audio_length"] * 16000, abs=16)  # audio_length is in ms
+        assert row["messages"][1]["content"].count("<audio>") == len(clips)
+    assert max(len(r["audios"]) for r in rows) >= 2

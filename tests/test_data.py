@@ -367,6 +367,8 @@ def test_audio_modality_from_synthesized_calls(tmp_path: Path) -> None:
     for row in rows:
         clips = [read_audio(p)[0] for p in row["audios"]]
         assert all(len(c) <= 30 * 16000 for c in clips)
-        assert sum(len(c) for c in clips) == pytest.approx(row["audio_length"] * 16000, abs=16)  # audio_length is in ms
+        assert sum(len(c) for c in clips) == pytest.approx(
+            row["audio_length"] * 16000, abs=16
+        )  # audio_length is in ms
         assert row["messages"][1]["content"].count("<audio>") == len(clips)
     assert max(len(r["audios"]) for r in rows) >= 2

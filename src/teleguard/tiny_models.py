@@ -1,0 +1,376 @@
+"""Tiny, random-initialised Qwen-family model folders for offline tests and CPU smoke runs.
+
+No model can be downloaded in CI or on the air-gapped training hosts, yet ms-swift, transformers and the
+pipelines need a *real* model folder (config, safetensors, tokenizer, generation config, processor). This
+module builds one locally in a second or two: a byte-level BPE tokenizer trained on whatever text is at
+hand (e.g. the TeleAntiFraud transcripts), Qwen's special tokens and chat template, and a 2-layer model
+with random weights. The folder loads with the transformers Auto classes and with ms-swift via
+``TinyModel.swift_args()``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MARKER_FILE = "teleguard_tiny_model.json"
+
+ARCHS = ("qwen2", "qwen3", "qwen2_audio")
+
+# ms-swift's (model_type, template) names for each architecture; a local folder has no hub id from which
+# ms-swift could infer them, so they must be passed explicitly.
+_SWIFT_NAMES: dict[str, tuple[str, str]] = {
+    "qwen2": ("qwen2", "qwen2_5"),
+    "qwen3": ("qwen3", "qwen3"),
+    "qwen2_audio": ("qwen2_audio", "qwen2_audio"),
+}
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_EOS = "<|audio_eos|>"
+
+# Same pre-tokenisation as the real Qwen2 tokenizer, so token boundaries behave like production.
+_QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
+)
+
+# Always part of the training text so that the reasoning/answer tags, JSON punctuation and common
+# Chinese get merged tokens even when the caller passes an empty corpus.
+_BUILTIN_TEXT: tuple[str, ...] = (
+    "<think>\n",
+    "</think>\n",
+    "<answer>",
+    "</answer>",
+    "<think>\n\n</think>\n\n",
+    '{"label": "fraud", "fraud_type": "客服诈骗", "confidence": 0.9, "reason": ""}',
+    '{"is_fraud": true}',
+    '{"is_fraud": false}',
+    "[]",
+    "{}",
+    '": "',
+    '", "',
+    '": [',
+    "], ",
+    "null",
+    "0123456789",
+    "true false yes no fraud normal scam",
+    "You are a helpful assistant.",
+    "user",
+    "assistant",
+    "system",
+    "您好，这里是银行客服中心，您的账户出现异常，请提供验证码。",
+    "这是一通正常的电话，不是诈骗。这是诈骗电话，请立即挂断。",
+    "诈骗 正常 可疑 转账 验证码 银行卡 快递 投资 客服 警方 退款 贷款 中奖",
+    "用户 通话 对话 分析 判断 结论 理由 阶段 风险 类型",
+)
+
+_BUILTIN_REPEAT = 64
+
+# Qwen2.5-style ChatML template. Content may be a string or a list of {"type": "text"/"audio"} parts, the
+# latter rendered like Qwen2-Audio's processor does. `enable_thinking=False` mirrors Qwen3's empty think block.
+CHAT_TEMPLATE = (
+    "{%- set audio_count = namespace(value=0) -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part -%}"
+    "{%- set audio_count.value = audio_count.value + 1 -%}"
+    "{{- 'Audio ' + audio_count.value|string + ': <|audio_bos|><|AUDIO|><|audio_eos|>\\n' -}}"
+    "{%- elif 'text' in part -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A built tiny model folder plus the ms-swift names needed to load it."""
+
+    path: Path
+    arch: str
+    model_type: str
+    template: str
+
+    def swift_args(self) -> list[str]:
+        return ["--model", str(self.path), "--model_type", self.model_type, "--template", self.template]
+
+
+def corpus_from_paths(paths: Iterable[Path]) -> Iterator[str]:
+    """Yield text from .txt files (one item per non-empty line) and .jsonl files (every string value,
+    found recursively, so nested transcripts such as TeleAntiFraud's ``left``/``right`` lists count)."""
+    for path in paths:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".txt", ".jsonl"):
+            continue
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                if suffix == ".txt":
+                    yield line
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a truncated last line should not abort a corpus scan
+                yield from _strings(record)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        if value:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _special_tokens(arch: str) -> list[str]:
+    tokens = [ENDOFTEXT, IM_START, IM_END]
+    if arch == "qwen2_audio":
+        tokens += [AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
+    return tokens
+
+
+def _build_tokenizer(arch: str, corpus: Iterable[str], vocab_size: int) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    specials = _special_tokens(arch)
+    # Leave room for the special tokens, which go right after the BPE vocabulary (as in Qwen's vocab).
+    bpe_size = vocab_size - len(specials)
+    if bpe_size < 256 + 16:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 272 + specials"
+        )
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size,
+        min_frequency=2,
+        show_progress=False,
+        # All 256 byte symbols, so any text (including unseen Chinese) encodes without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+
+    def texts() -> Iterator[str]:
+        # Repeated so the tags win merges against a large corpus that never contains them.
+        for _ in range(_BUILTIN_REPEAT):
+            yield from _BUILTIN_TEXT
+        yield from corpus
+
+    bpe.train_from_iterator(texts(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab: dict[str, int] = dict(state["vocab"])
+    # Put the special tokens right after the BPE vocabulary in Qwen's order (<|endoftext|> first), so ids
+    # do not depend on which of them the tokenizer constructor happens to register first.
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+
+    extra = {}
+    if arch == "qwen2_audio":
+        # Qwen2AudioProcessor looks these attributes up on the tokenizer.
+        extra = {"audio_token": AUDIO_TOKEN, "audio_bos_token": AUDIO_BOS, "audio_eos_token": AUDIO_EOS}
+    tokenizer = Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token=IM_END,  # chat models stop at <|im_end|>, as in Qwen's instruct checkpoints
+        pad_token=ENDOFTEXT,
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    for name, token in extra.items():
+        setattr(tokenizer, name, token)
+    tokenizer.init_kwargs.update(extra)
+    if len(tokenizer) > vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={vocab_size}")
+    return tokenizer
+
+
+def _text_config_kwargs(
+    tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int, max_positions: int
+) -> dict[str, Any]:
+    heads = max(1, hidden_size // 16)
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        "use_cache": True,
+    }
+
+
+def _build_model(arch: str, tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int) -> Any:
+    import transformers as tf
+
+    if arch == "qwen3":
+        heads = max(1, hidden_size // 16)
+        config = tf.Qwen3Config(
+            head_dim=hidden_size // heads,
+            **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096),
+        )
+        return tf.Qwen3ForCausalLM(config)
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(
+            tf.Qwen2Config(**_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096))
+        )
+    # qwen2_audio: Whisper-like encoder over 30 s of 128-bin mel frames (1500 positions after the stride-2
+    # conv, as in the real model, so the stock feature extractor's padding matches), a projector, Qwen2 LM.
+    audio_config = tf.Qwen2AudioEncoderConfig(
+        num_mel_bins=128,
+        encoder_layers=num_layers,
+        encoder_attention_heads=max(1, hidden_size // 16),
+        encoder_ffn_dim=hidden_size * 2,
+        d_model=hidden_size,
+        max_source_positions=1500,
+    )
+    text_config = tf.Qwen2Config(**_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 8192))
+    config = tf.Qwen2AudioConfig(
+        audio_config=audio_config,
+        text_config=text_config,
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    return tf.Qwen2AudioForConditionalGeneration(config)
+
+
+def build_tiny_model(
+    out_dir: Path,
+    arch: str = "qwen3",
+    corpus: Iterable[str] = (),
+    *,
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> TinyModel:
+    """Write a random-initialised tiny ``arch`` model folder to ``out_dir`` and describe it.
+
+    The same ``seed`` and corpus give identical weights and tokenizer. ``hidden_size`` must be a multiple of 16
+    (attention heads are 16 wide).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if hidden_size < 16 or hidden_size % 16:
+        raise ValueError(f"hidden_size must be a positive multiple of 16, got {hidden_size}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+
+    import torch
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(arch, corpus, vocab_size)
+
+    # Seed the global RNG right before construction: weight init draws from it, so this makes it reproducible
+    # without disturbing the caller beyond restoring the previous RNG state afterwards.
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = _build_model(arch, tokenizer, vocab_size, hidden_size, num_layers)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    model = model.to(torch.float32).eval()
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext,
+        eos_token_id=[im_end, endoftext],
+        pad_token_id=endoftext,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        max_new_tokens=256,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+    if arch == "qwen2_audio":
+        from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+        feature_extractor = WhisperFeatureExtractor(
+            feature_size=128, sampling_rate=16000, return_attention_mask=True
+        )
+        processor = Qwen2AudioProcessor(
+            feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+        )
+        processor.save_pretrained(out_dir)
+
+    model_type, template = _SWIFT_NAMES[arch]
+    marker = {
+        "arch": arch,
+        "model_type": model_type,
+        "template": template,
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "tokenizer_size": len(tokenizer),
+    }
+    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return TinyModel(path=out_dir, arch=arch, model_type=model_type, template=template)
+
+
+def load_tiny_model(path: Path) -> TinyModel:
+    """Describe a folder previously written by :func:`build_tiny_model`."""
+    path = Path(path)
+    marker_path = path / MARKER_FILE
+    if not marker_path.is_file():
+        raise FileNotFoundError(f"{path} is not a tiny model folder (no {MARKER_FILE})")
+    marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    arch = marker.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"{marker_path}: unknown arch {arch!r}")
+    default_type, default_template = _SWIFT_NAMES[arch]
+    return TinyModel(
+        path=path,
+        arch=arch,
+        model_type=marker.get("model_type", default_type),
+        template=marker.get("template", default_template),
+    )

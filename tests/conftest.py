@@ -1,0 +1,73 @@
+"""Shared fixtures: offline mode, tiny Qwen models built once per session, a short WAV file."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from teleguard.tiny_models import TinyModel, build_tiny_model, corpus_from_paths
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODELSCOPE_OFFLINE")
+
+# The `shared/` folder beside the repository (data, schemas, seeds); absent on a bare checkout.
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+TRANSCRIPTS_DIR = SHARED_DIR / "data" / "teleantifraud-dialogues"
+
+# Enough transcript text for Chinese merges; the full ~100k strings would cost ~15 s of BPE training per model.
+CORPUS_LIMIT = 20_000
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline_hubs() -> Iterator[None]:
+    """Nothing may reach a model hub: transformers, huggingface_hub and modelscope all read these."""
+    saved = {name: os.environ.get(name) for name in (*OFFLINE_VARS, "OMP_NUM_THREADS")}
+    os.environ.update(dict.fromkeys(OFFLINE_VARS, "1"))
+    # The trainers run in subprocesses beside the test process on few cores: one OpenMP thread each avoids
+    # spin-waiting that made CPU GRPO steps about ten times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def transcript_corpus() -> list[str]:
+    """Text of the shared TeleAntiFraud transcripts, or nothing when the shared folder is absent."""
+    paths = sorted(TRANSCRIPTS_DIR.glob("*.jsonl")) if TRANSCRIPTS_DIR.is_dir() else []
+    return list(itertools.islice(corpus_from_paths(paths), CORPUS_LIMIT))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    return transcript_corpus()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: list[str]) -> TinyModel:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_model(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: list[str]) -> TinyModel:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-audio"), "qwen2_audio", tiny_corpus)
+
+
+@pytest.fixture
+def wav_file(tmp_path: Path) -> Path:
+    """2 s of 16 kHz stereo audio: a different tone per channel plus a little noise, like a two-party call."""
+    import soundfile as sf
+
+    rate = 16_000
+    t = np.arange(2 * rate) / rate
+    noise = np.random.default_rng(0).normal(0.0, 0.02, size=(t.size, 2))
+    tones = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 660 * t)], axis=1)
+    path = tmp_path / "call.wav"
+    sf.write(path, (tones + noise).astype(np.float32), rate, subtype="PCM_16")
+    return path

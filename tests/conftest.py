@@ -71,3 +71,15 @@ def wav_file(tmp_path: Path) -> Path:
     path = tmp_path / "call.wav"
     sf.write(path, (tones + noise).astype(np.float32), rate, subtype="PCM_16")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 server (moto) on a free loopback port; it ignores credentials unless told otherwise."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -361,14 +361,52 @@ def test_audio_modality_from_synthesized_calls(tmp_path: Path) -> None:
     write_calls(tmp_path / "calls", [voiced])
     [loaded] = read_calls(tmp_path / "calls")
     assert Path(loaded.audio).is_file() and loaded.turns == voiced.turns
-    build_split([loaded], tmp_path / "ds", modality="audio", clip_maker=ClipWriter(tmp_path / "clips"))
+    build_split([loaded], tmp_path / "ds", modality="audio", clip_maker=ClipWriter(tmp_path / "ds"))
     rows = [json.loads(x) for x in (tmp_path / "ds" / "realtime.jsonl").read_text("utf-8").splitlines()]
     assert {r["conversation_stage"] for r in rows} == {"early_stage", "late_stage", "complete"}
     for row in rows:
-        clips = [read_audio(p)[0] for p in row["audios"]]
+        assert all(not Path(p).is_absolute() for p in row["audios"])  # relative to the dataset folder
+        clips = [read_audio(tmp_path / "ds" / p)[0] for p in row["audios"]]
         assert all(len(c) <= 30 * 16000 for c in clips)
         assert sum(len(c) for c in clips) == pytest.approx(
             row["audio_length"] * 16000, abs=16
         )  # audio_length is in ms
         assert row["messages"][1]["content"].count("<audio>") == len(clips)
     assert max(len(r["audios"]) for r in rows) >= 2
+
+
+def test_built_dataset_round_trips_through_s3_with_checksums(
+    tmp_path: Path, dialogue_files, s3_endpoint, monkeypatch
+) -> None:
+    from teleguard import storage
+
+    monkeypatch.setenv("S3_ENDPOINT", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "teleguard-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret/123")
+    monkeypatch.setenv("TELEGUARD_STORAGE_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    normal = [str(p) for p in dialogue_files if p.name.startswith("normal")]
+    steps = [
+        ["data", "ingest", *normal, "--out", "s3://teleguard-data/calls"],
+        ["data", "split", "s3://teleguard-data/calls", "--out", "minio://teleguard-data/splits", "--dev", "0.5",
+         "--test", "0.3", "--train", "0.2"],
+        ["data", "build", "s3://teleguard-data/splits", "--out", "s3://teleguard-data/datasets/text"],
+    ]  # fmt: skip
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "not-a-real-secret" not in result.output
+    manifest = storage.verify("s3://teleguard-data/datasets/text")
+    assert {"train/grpo.jsonl", "dev/realtime.jsonl", "test/card.json"} <= {f.path for f in manifest.files}
+    local = storage.get_dir("s3://teleguard-data/datasets/text", tmp_path / "copy")
+    dev_rows = len((tmp_path / "copy" / "dev" / "sft.jsonl").read_text("utf-8").splitlines())
+    assert abs(dev_rows - 1977 * 0.5) <= 7  # half of each of the 7 scenes, rounded per scene
+    assert local.files == manifest.files
+
+    # corrupt one object behind the manifest's back: both checks name it
+    target = storage.Storage.from_uri("s3://teleguard-data/datasets/text")
+    target.write_bytes("dev/grpo.jsonl", b'{"tampered": true}\n')
+    with pytest.raises(storage.ChecksumError, match=r"dev/grpo\.jsonl"):
+        storage.verify("s3://teleguard-data/datasets/text")
+    with pytest.raises(storage.ChecksumError, match=r"dev/grpo\.jsonl"):
+        storage.get_dir("s3://teleguard-data/datasets/text", tmp_path / "copy2")

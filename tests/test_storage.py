@@ -8,13 +8,12 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from minio.error import S3Error
-from moto.server import ThreadedMotoServer
 
 from teleguard import storage
 from teleguard.storage import (
@@ -42,16 +41,6 @@ STORAGE_VARS = (
     storage.CACHE_DIR_ENV,
 )
 BIG_SIZE = 6 * 1024 * 1024 + 123  # above minio's 5 MiB part size: a two-part multipart upload
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free loopback port for this module (moto ignores credentials by default)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

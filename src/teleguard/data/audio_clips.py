@@ -1,8 +1,10 @@
 """Audio clips for the audio modality: a call (or its prefix) cut at the prefix time, in clips of <= 30 s.
 
 Qwen2-Audio-class models hold at most 30 s of audio per clip, so a prompt carries several `<audio>` clips for
-a longer call. The clips of each cut are written once as 16 kHz stereo WAV and referenced by absolute path
-from the ms-swift rows.
+a longer call. The clips of each cut are written once as 16 kHz stereo WAV under the dataset folder and referenced
+from the ms-swift rows by paths relative to it, so a dataset stays whole when it moves (to MinIO and back).
+ms-swift resolves relative media paths against the `ROOT_IMAGE_DIR` environment variable: a stage sets it
+to the dataset folder.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ RATE = 16_000
 class ClipWriter:
     """`(call, end_s or None, cut number) -> clip paths`, reading each call's audio once."""
 
-    def __init__(self, out_dir: Path, max_seconds: float = 30.0) -> None:
-        self.out_dir, self.max_seconds = out_dir, max_seconds
+    def __init__(self, dataset_dir: Path, max_seconds: float = 30.0, subdir: str = "clips") -> None:
+        self.dataset_dir, self.subdir, self.max_seconds = dataset_dir, subdir, max_seconds
         self._loaded: tuple[str, np.ndarray] | None = None
 
     def _audio(self, call: CallRecord) -> np.ndarray:
@@ -40,7 +42,7 @@ class ClipWriter:
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in call.call_id)
         paths = []
         for i, clip in enumerate(split_clips(audio, RATE, self.max_seconds)):
-            path = (self.out_dir / f"{stem}@{cut}-{i}.wav").resolve()
-            write_wav(path, clip, RATE)
-            paths.append(str(path))
+            relative = f"{self.subdir}/{stem}@{cut}-{i}.wav"
+            write_wav(self.dataset_dir / relative, clip, RATE)
+            paths.append(relative)
         return paths

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,13 +28,46 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _calls(folder: Path):
+def _local_input(location: str) -> Path:
+    """A local folder for a path or a storage URI (s3://, minio://: downloaded and checked against its manifest)."""
+    from teleguard.storage import LocalLocation, StorageError, local_copy, parse_uri
+
+    try:
+        where = parse_uri(location)
+        path = where.path if isinstance(where, LocalLocation) else local_copy(location)
+    except (StorageError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if not path.exists():
+        _fail(f"{location}: no such file or folder")
+    return path
+
+
+@contextmanager
+def _local_output(location: str) -> Iterator[Path]:
+    """Write into a local folder; for a storage URI, a temporary one uploaded with a manifest at the end."""
+    from teleguard.storage import LocalLocation, StorageError, parse_uri, put_dir
+
+    try:
+        where = parse_uri(location)
+    except ValueError as err:
+        _fail(str(err))
+    if isinstance(where, LocalLocation):
+        yield where.path
+        return
+    with tempfile.TemporaryDirectory(prefix="teleguard-") as tmp:
+        yield Path(tmp)
+        try:
+            manifest = put_dir(Path(tmp), location)
+        except StorageError as err:
+            _fail(str(err))
+        console.print(f"uploaded {len(manifest.files)} files to {location}")
+
+
+def _calls(location: str):
     from teleguard.data.dataset import read_calls
 
-    if not folder.exists():
-        _fail(f"{folder}: no such calls folder or file")
     try:
-        return read_calls(folder)
+        return read_calls(_local_input(location))
     except IngestError as err:
         _fail(str(err))
 
@@ -39,7 +75,7 @@ def _calls(folder: Path):
 @app.command("ingest")
 def ingest_command(
     paths: Annotated[list[Path], typer.Argument(help="source files")],
-    out: Annotated[Path, typer.Option(help="calls folder to write (calls.jsonl + card)")],
+    out: Annotated[str, typer.Option(help="calls folder to write (calls.jsonl + card): a path or s3:// URI")],
     format: Annotated[str, typer.Option(help=f"one of {', '.join(FORMATS)}")] = "dialogues",
     skip: Annotated[bool, typer.Option("--skip/--fail", help="skip bad rows (default: fail on any)")] = False,
     cjk_per_s: Annotated[float, typer.Option(help="speech rate for estimated turn times")] = 4.5,
@@ -58,22 +94,23 @@ def ingest_command(
     calls = [estimate_times(c, rate) for c in track(calls, description="timing turns")]
     for rejection in report.rejected:
         err_console.print(f"[yellow]skipped[/yellow] {rejection}", highlight=False)
-    write_calls(
-        out,
-        calls,
-        title="ingested calls",
-        format=format,
-        inputs=[str(p) for p in paths],
-        rejected=len(report.rejected),
-        per_file=report.per_file,
-    )
+    with _local_output(out) as folder:
+        write_calls(
+            folder,
+            calls,
+            title="ingested calls",
+            format=format,
+            inputs=[str(p) for p in paths],
+            rejected=len(report.rejected),
+            per_file=report.per_file,
+        )
     console.print(f"{report.accepted} calls accepted, {len(report.rejected)} rejected -> {out}")
 
 
 @app.command("split")
 def split_command(
-    calls: Annotated[Path, typer.Argument(help="calls folder")],
-    out: Annotated[Path, typer.Option(help="folder for train/dev/test calls folders")],
+    calls: Annotated[str, typer.Argument(help="calls folder (path or s3:// URI)")],
+    out: Annotated[str, typer.Option(help="folder for train/dev/test calls folders (path or s3:// URI)")],
     train: float = 0.8,
     dev: float = 0.1,
     test: float = 0.1,
@@ -88,14 +125,16 @@ def split_command(
         spec = SplitSpec(train=train, dev=dev, test=test, seed=seed)
     except ValidationError as err:
         _fail(err.errors(include_url=False)[0]["msg"])
-    for name, part in split_calls(_calls(calls), spec).items():
-        write_calls(out / name, part, title=f"{name} split", split=name, seed=seed)
-        console.print(f"{name}: {len(part)} calls")
+    parts = split_calls(_calls(calls), spec)
+    with _local_output(out) as folder:
+        for name, part in parts.items():
+            write_calls(folder / name, part, title=f"{name} split", split=name, seed=seed)
+            console.print(f"{name}: {len(part)} calls")
 
 
 @app.command("prefixes")
 def prefixes_command(
-    calls: Annotated[Path, typer.Argument(help="calls folder")],
+    calls: Annotated[str, typer.Argument(help="calls folder (path or s3:// URI)")],
     out: Annotated[Path, typer.Option(help="JSONL file of prefixes to write")],
     early_until: float = 0.4,
     per_stage: Annotated[int, typer.Option(help="prefixes per stage and call; 0 = every turn boundary")] = 1,
@@ -116,8 +155,8 @@ def prefixes_command(
 
 @app.command("audio")
 def audio_command(
-    calls: Annotated[Path, typer.Argument(help="calls folder")],
-    out: Annotated[Path, typer.Option(help="calls folder to write, with audio/ beside calls.jsonl")],
+    calls: Annotated[str, typer.Argument(help="calls folder (path or s3:// URI)")],
+    out: Annotated[str, typer.Option(help="calls folder to write, with audio/ beside calls.jsonl")],
     limit: Annotated[int | None, typer.Option(help="synthesize only the first N calls")] = None,
 ) -> None:
     """Synthesize stereo 16 kHz call audio offline (espeak-ng), re-timing turns to match the audio."""
@@ -125,20 +164,19 @@ def audio_command(
     from teleguard.data.dataset import write_calls
 
     records = _calls(calls)[:limit]
-    synthesized = []
-    for call in track(records, description="synthesizing"):
-        wav = out / "audio" / f"{_safe(call.call_id)}.wav"
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        done = synthesize_call(call, wav)
-        synthesized.append(done)
-    write_calls(out, synthesized, title="calls with synthesized audio")
+    with _local_output(out) as folder:
+        synthesized = [
+            synthesize_call(call, folder / "audio" / f"{_safe(call.call_id)}.wav")
+            for call in track(records, description="synthesizing")
+        ]
+        write_calls(folder, synthesized, title="calls with synthesized audio")
     console.print(f"{len(synthesized)} calls with audio -> {out}")
 
 
 @app.command("build")
 def build_command(
-    splits: Annotated[Path, typer.Argument(help="folder of train/dev/test calls folders")],
-    out: Annotated[Path, typer.Option(help="dataset folder to write")],
+    splits: Annotated[str, typer.Argument(help="folder of train/dev/test calls folders (path or s3:// URI)")],
+    out: Annotated[str, typer.Option(help="dataset folder to write (path or s3:// URI)")],
     modality: Annotated[str, typer.Option(help="text or audio")] = "text",
     prompts: Annotated[str | None, typer.Option(help="zh, en, or a prompt file")] = None,
     early_until: float = 0.4,
@@ -149,22 +187,24 @@ def build_command(
 
     if modality not in ("text", "audio"):
         _fail(f"unknown modality {modality!r}; choose text or audio")
-    clip_maker = None
-    if modality == "audio":
-        from teleguard.data.audio_clips import ClipWriter
+    source = _local_input(splits)
+    with _local_output(out) as folder:
+        clip_maker = None
+        if modality == "audio":
+            from teleguard.data.audio_clips import ClipWriter
 
-        clip_maker = ClipWriter(out / "clips")
-    try:
-        cards = build_datasets(
-            splits,
-            out,
-            modality=modality,  # type: ignore[arg-type]
-            prompts=prompts,
-            policy=PrefixPolicy(early_until=early_until, per_stage=per_stage or None),
-            clip_maker=clip_maker,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+            clip_maker = ClipWriter(folder)  # clip paths relative to the dataset folder (ROOT_IMAGE_DIR)
+        try:
+            cards = build_datasets(
+                source,
+                folder,
+                modality=modality,  # type: ignore[arg-type]
+                prompts=prompts,
+                policy=PrefixPolicy(early_until=early_until, per_stage=per_stage or None),
+                clip_maker=clip_maker,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            _fail(str(err))
     for name, card in cards.items():
         console.print(f"{name}: {card['rows']}")
 

@@ -9,74 +9,31 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teleguard.contract import FRAUD, NORMAL, Mode, Round, builtin_prompts
+from teleguard.contract import FRAUD, Mode, builtin_prompts
+from teleguard.data.dataset import write_rows
+from teleguard.data.ingest import ingest
+from teleguard.data.records import CallRecord
+from teleguard.data.rounds import RowBuilder, sample_of_call
+from teleguard.data.timing import estimate_times
 from teleguard.rewards import REWARDS
 from teleguard.train.swift import CPU_OPTIONS, flags, latest_run_dir, plugin_args, run_swift
 
 STAGE1_REWARDS = ["prompt_format", "adaptive_classification", "think_length_reward_300"]
 
 
-@dataclass(frozen=True)
-class DemoCall:
-    call_id: str
-    transcript: str
-    is_fraud: bool
-    label: str  # the fraud type of a fraud call, the scene of a normal call
-
-
-def read_dialogues(data_dir: Path, limit: int, seed: int = 0) -> list[DemoCall]:
-    """A sample of TeleAntiFraud dialogue files (left speaker first, turns alternate)."""
+def sample_calls(data_dir: Path, limit: int, seed: int = 0) -> list[CallRecord]:
+    """Half fraud, half normal calls drawn from the TeleAntiFraud dialogue files."""
     files = sorted(data_dir.glob("*_dialogues-*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no TeleAntiFraud dialogue files (*_dialogues-*.jsonl) in {data_dir}")
-    calls: list[DemoCall] = []
-    for path in files:
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                record = json.loads(line)
-                turns = []
-                for left, right in zip(record["left"], [*record["right"], None], strict=False):
-                    turns.append(f"左：{left}")
-                    if right is not None:
-                        turns.append(f"右：{right}")
-                calls.append(
-                    DemoCall(
-                        call_id=f"{path.stem}/{record['tts_id']}",
-                        transcript="\n".join(turns),
-                        is_fraud=path.name.startswith("fraud"),
-                        label=record["fraud_type"],
-                    )
-                )
+    calls, _ = ingest(files, "dialogues")
     rng = random.Random(seed)
-    frauds = [c for c in calls if c.is_fraud]
-    normals = [c for c in calls if not c.is_fraud]
+    frauds = [c for c in calls if c.labels.is_fraud]
+    normals = [c for c in calls if not c.labels.is_fraud]
     return rng.sample(frauds, limit // 2) + rng.sample(normals, limit - limit // 2)
-
-
-def round_rows(call: DemoCall) -> Iterator[dict[str, Any]]:
-    """GRPO rows for a call's rounds: scene and is_fraud for normal calls, is_fraud and fraud_type for fraud."""
-    prompts = builtin_prompts("zh")
-    rounds = (
-        [(Round.FRAUD, FRAUD), (Round.FRAUD_TYPE, call.label)]
-        if call.is_fraud
-        else [
-            (Round.SCENE, call.label),
-            (Round.FRAUD, NORMAL),
-        ]
-    )
-    for round_, gold in rounds:
-        prompt = prompts.user_prompt(round_, Mode.OFFLINE, transcript=call.transcript)
-        yield {
-            "messages": [{"role": "user", "content": prompt}],
-            "answers": gold,
-            "conversation_stage": "complete",
-            "call_id": call.call_id,
-        }
 
 
 # Short name -> output: correct and well-formed, a wrong label, a label outside the set, text after </answer>,
@@ -122,12 +79,12 @@ def run_demo(data_dir: Path, out_dir: Path, *, calls: int = 4, steps: int = 2) -
     from teleguard.tiny_models import build_tiny_model, corpus_from_paths
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = read_dialogues(data_dir, calls)
+    sample = sample_calls(data_dir, calls)
+    builder = RowBuilder(builtin_prompts("zh"), Mode.OFFLINE, "text")
     dataset = out_dir / "stage1-grpo.jsonl"
-    with dataset.open("w", encoding="utf-8") as f:
-        for call in sample:
-            for row in round_rows(call):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_rows(
+        dataset, (row for call in sample for row in builder.grpo_rows(sample_of_call(estimate_times(call))))
+    )
 
     corpus = corpus_from_paths(sorted(data_dir.glob("*.jsonl"))[:2])
     model = build_tiny_model(out_dir / "tiny-qwen3", "qwen3", corpus)

@@ -90,6 +90,8 @@ def test_audio_prompt_and_follow_up_rounds() -> None:
     assert first.startswith("<audio>")
     follow = prompts.user_prompt(Round.FRAUD, with_call=False)
     assert "<audio>" not in follow and "文字记录" not in follow
+    assert follow.startswith(prompts.follow_up)  # later rounds build on the earlier ones
+    assert prompts.follow_up not in prompts.user_prompt(Round.FRAUD, transcript="x")  # a first round does not
     with pytest.raises(ValueError, match="needs the call"):
         prompts.user_prompt(Round.SCENE)
 

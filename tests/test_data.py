@@ -157,7 +157,7 @@ def test_sft_release_rows(tmp_path: Path) -> None:
         CallLabels(is_fraud=False, scene="外卖服务"),
         CallLabels(is_fraud=True),
     ]
-    assert calls[0].audio == "a/1.wav" and not calls[0].turns
+    assert calls[0].audio == str(tmp_path / "a" / "1.wav") and not calls[0].turns  # relative to the file
     assert [(r.line, r.field) for r in report.rejected] == [(3, "messages"), (4, "messages.1.content")]
 
 

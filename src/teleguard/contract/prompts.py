@@ -70,6 +70,7 @@ class PromptSet(_Strict):
     system: str
     call: CallMaterial
     questions: PerRound
+    follow_up: str
     answer_keys: PerRound
     answer_keys_nullable: PerRound
     insufficient: str
@@ -111,6 +112,7 @@ class PromptSet(_Strict):
             "transcript": transcript or "",
         }
         parts = []
+        question = _fill(self.questions.of(round_), fields)
         if with_call:
             if audio:
                 parts.append(self.call.audio)
@@ -118,7 +120,9 @@ class PromptSet(_Strict):
                 parts.append(_fill(self.call.text, fields))
             else:
                 raise ValueError("the first round needs the call: pass transcript=... or audio=True")
-        parts.append(_fill(self.questions.of(round_), fields))
+        else:
+            question = self.follow_up + question
+        parts.append(question)
         parts.append(_fill(self.modes.of(mode), fields))
         return "\n".join(part.strip("\n") for part in parts)
 

@@ -194,14 +194,24 @@ def _sft_record(row: Any, path: Path, line: int) -> CallRecord:
         )
     except ValidationError as err:
         raise RowError("messages", str(_validation_rows(err))) from None
-    audio = audios[0]
+    audio = _audio_path(audios[0], path)
     return CallRecord(
         call_id=str(row.get("id") or f"{path.stem}/{line}"),
         source="teleantifraud-28k-sft",
         labels=call_labels,
         audio=audio,
-        meta={"rounds": len(messages) // 2, **({"clips": audios} if len(audios) > 1 else {})},
+        meta={
+            "rounds": len(messages) // 2,
+            **({"clips": [_audio_path(a, path) for a in audios]} if len(audios) > 1 else {}),
+        },
     )
+
+
+def _audio_path(audio: str, source: Path) -> str:
+    """Release files name audio relative to themselves: make such paths independent of the working directory."""
+    if "://" in audio or Path(audio).is_absolute():
+        return audio
+    return str((source.parent / audio).resolve())
 
 
 # -------------------------------------------------------------------------------------------------- binary
@@ -246,7 +256,7 @@ def _binary_record(row: Any, path: Path, line: int) -> CallRecord:
         call_id=str(row.get("id") or f"{path.stem}/{line}"),
         source="teleantifraud-28k-binary",
         labels=CallLabels(is_fraud=is_fraud),
-        audio=audio,
+        audio=_audio_path(audio, path),
     )
 
 

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from teleguard.contract import Mode, PromptFileError, Round, load_prompts, parse_output
 from teleguard.data.cli import app as data_app
+from teleguard.evaluate.cli import evaluate as evaluate_command
+from teleguard.train.cli import train as train_command
 
 app = typer.Typer(help="teleguard: train and serve slow-thinking call-fraud detectors.", no_args_is_help=True)
 rewards_app = typer.Typer(help="SAFE-QAQ rewards.", no_args_is_help=True)
@@ -20,6 +22,8 @@ prompts_app = typer.Typer(help="The prompts of the task contract.", no_args_is_h
 app.add_typer(rewards_app, name="rewards")
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(data_app, name="data")
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # paths and file:line stay on one line

@@ -43,8 +43,11 @@ class SwiftError(RuntimeError):
     """An ms-swift command that failed; carries the tail of its log."""
 
 
-def swift_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **OFFLINE_ENV, **(extra or {})}
+def swift_env(
+    extra: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """`environ` (default: this process's environment) made offline, plus `extra`."""
+    return {**(os.environ if environ is None else environ), **OFFLINE_ENV, **(extra or {})}
 
 
 def plugin_args(audio: bool = False) -> list[str]:
@@ -58,17 +61,21 @@ def run_swift(
     args: Sequence[str],
     *,
     log_path: Path,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> None:
-    """Run `swift <command> <args>`, writing its output to `log_path`; raise SwiftError if it fails."""
+    """Run `swift <command> <args>`, writing its output to `log_path`; raise SwiftError if it fails.
+
+    The command sees `environ` (default: this process's environment), offline, plus `env`.
+    """
     argv = [sys.executable, "-m", "swift.cli.main", command, *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
         proc = subprocess.run(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=swift_env(env), cwd=cwd, check=False
+            argv, stdout=log, stderr=subprocess.STDOUT, env=swift_env(env, environ), cwd=cwd, check=False
         )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])

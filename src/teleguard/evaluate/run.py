@@ -1,0 +1,79 @@
+"""Evaluation runs: a model's predictions on the held-out split, through an engine, into metrics and a report.
+
+For each stage's model: greedy answers to every round of the eval split's whole calls (`grpo.jsonl`) and, when
+asked, of its streaming prefixes (`realtime.jsonl`); then `evaluate_predictions` and a report comparing the
+stages. Predictions are kept (`predictions-<stage>.jsonl`) so metrics can be recomputed without a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from teleguard.engines import Engine, SamplingParams, prompt_of_row
+from teleguard.evaluate.metrics import RoundPrediction, evaluate_predictions
+from teleguard.evaluate.report import write_report
+
+
+def read_eval_rows(dataset_split: Path, *, realtime: bool, limit: int | None) -> list[dict[str, Any]]:
+    files = ["grpo.jsonl"] + (["realtime.jsonl"] if realtime else [])
+    rows: list[dict[str, Any]] = []
+    for name in files:
+        path = dataset_split / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (build the datasets with `teleguard data build`)")
+        with path.open(encoding="utf-8") as f:
+            part = [json.loads(line) for line in f if line.strip()]
+        rows += part[:limit] if limit else part
+    return rows
+
+
+def predict(
+    engine: Engine, rows: Sequence[dict[str, Any]], max_tokens: int, batch_size: int
+) -> list[RoundPrediction]:
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+    outputs: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        outputs += [outs[0] for outs in engine.generate([prompt_of_row(r) for r in batch], params)]
+    return [
+        RoundPrediction(
+            call_id=row["call_id"],
+            task=row["task"],
+            gold=row["answers"],
+            output=output,
+            stage=row.get("conversation_stage", "complete"),
+            audio_length=float(row.get("audio_length", 0.0)),
+            audio_idx=int(row.get("audio_idx", 0)),
+        )
+        for row, output in zip(rows, outputs, strict=True)
+    ]
+
+
+def write_predictions(path: Path, predictions: Sequence[RoundPrediction]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p.__dict__, ensure_ascii=False) + "\n")
+
+
+def evaluate_models(
+    models: dict[str, Callable[[], Engine]],
+    rows: Sequence[dict[str, Any]],
+    out_dir: Path,
+    *,
+    max_tokens: int,
+    batch_size: int = 16,
+    alert_threshold: float = 0.0,
+    title: str = "teleguard evaluation",
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each named model (an engine factory, so one model is loaded at a time) and write the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name, make_engine in models.items():
+        predictions = predict(make_engine(), rows, max_tokens, batch_size)
+        write_predictions(out_dir / f"predictions-{name}.jsonl", predictions)
+        results[name] = evaluate_predictions(predictions, alert_threshold=alert_threshold)
+    write_report(results, out_dir, title=title)
+    return results

@@ -1,0 +1,109 @@
+"""Stage 2a: rejection sampling. N samples per prompt, the shortest correct one kept as an SFT target.
+
+"Correct" is what the rewards call correct, through the same parser: the round's label earns the full
+classification reward for the row's gold answer and stage (so a null label in an early_stage prompt counts,
+a string "不正常" for is_fraud never does), and the output is fully well-formed (format reward 1.0, nothing
+after `</answer>`). Among correct samples the one with the shortest reasoning wins (estimated think length,
+then characters). Prompts with no correct sample are written to a report instead of being dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from teleguard.contract import parse_output
+from teleguard.engines import Engine, SamplingParams, prompt_of_row
+from teleguard.rewards import CORRECT, route_of, score_format, score_label
+
+
+def is_correct(completion: str, gold: str, stage: str) -> bool:
+    parsed = parse_output(completion)
+    return score_format(parsed) == 1.0 and score_label(parsed, route_of(gold), gold, stage) == CORRECT
+
+
+def shortest_correct(samples: Sequence[str], gold: str, stage: str) -> str | None:
+    correct = [s for s in samples if is_correct(s, gold, stage)]
+    return min(correct, key=lambda s: (parse_output(s).think_length, len(s))) if correct else None
+
+
+@dataclass
+class Selection:
+    rows: list[dict[str, Any]]  # ms-swift SFT rows: the prompt plus the kept response
+    unsolved: list[dict[str, Any]]  # prompts with no correct sample, for the report
+    correct_samples: int = 0
+    total_samples: int = 0
+
+    def report(self) -> dict[str, Any]:
+        prompts = len(self.rows) + len(self.unsolved)
+        return {
+            "prompts": prompts,
+            "kept": len(self.rows),
+            "unsolved": len(self.unsolved),
+            "solved_rate": len(self.rows) / prompts if prompts else 0.0,
+            "sample_accuracy": self.correct_samples / self.total_samples if self.total_samples else 0.0,
+            "unsolved_by_task": dict(Counter(u.get("task") for u in self.unsolved)),
+        }
+
+
+def select(rows: Sequence[dict[str, Any]], samples: Sequence[Sequence[str]]) -> Selection:
+    """Keep the shortest correct sample of each prompt row (rows carry `answers` and `conversation_stage`)."""
+    selection = Selection(rows=[], unsolved=[])
+    for row, outs in zip(rows, samples, strict=True):
+        gold, stage = row["answers"], row.get("conversation_stage", "complete")
+        selection.total_samples += len(outs)
+        selection.correct_samples += sum(is_correct(o, gold, stage) for o in outs)
+        best = shortest_correct(outs, gold, stage)
+        meta = {k: v for k, v in row.items() if k != "messages"}
+        if best is None:
+            problems = Counter(p for o in outs for p in parse_output(o).problems)
+            selection.unsolved.append(
+                {**meta, "samples": len(outs), "problems": dict(problems.most_common(5))}
+            )
+            continue
+        prompt = prompt_of_row(row)
+        sft = {"messages": [*prompt.messages, {"role": "assistant", "content": best}], **meta}
+        selection.rows.append(sft)
+    return selection
+
+
+def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if limit is not None and len(rows) >= limit:
+                    break
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def rejection_sample(
+    engine: Engine,
+    rows: Sequence[dict[str, Any]],
+    params: SamplingParams,
+    out_dir: Path,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Sample, select, and write `sft.jsonl` (kept rows), `unsolved.jsonl` and `report.json` to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples: list[list[str]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        samples += engine.generate([prompt_of_row(r) for r in batch], params)
+    selection = select(rows, samples)
+    write_jsonl(out_dir / "sft.jsonl", selection.rows)
+    write_jsonl(out_dir / "unsolved.jsonl", selection.unsolved)
+    report = selection.report()
+    (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", "utf-8")
+    return report

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
-.PHONY: setup system-packages demo test lint format bench clean
+.PHONY: setup system-packages demo cpu-recipe test lint format bench clean
 
 setup: system-packages $(STAMP)
 
@@ -31,6 +31,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/teleguard demo --data $(DATA) --out runs/demo
+
+# SAFE-QAQ end to end on this machine: data from the shared transcripts, every stage of the tiny CPU recipe,
+# then the evaluation report comparing the stages (runs/safe-qaq-tiny-cpu/evaluation/report.md).
+RECIPE ?= recipes/safe-qaq/tiny-cpu.yaml
+cpu-recipe: setup
+	$(BIN)/teleguard data ingest --format dialogues $(DATA)/*.jsonl --out runs/data/calls
+	$(BIN)/teleguard data split runs/data/calls --out runs/data/splits
+	$(BIN)/teleguard data build runs/data/splits --out runs/data/text
+	$(BIN)/teleguard train all --config $(RECIPE)
+	$(BIN)/teleguard evaluate --config $(RECIPE)
 
 test: setup lint
 	$(BIN)/python -m pytest -q -ra

@@ -225,9 +225,10 @@ def test_prefix_stages_on_a_known_call() -> None:
 
 
 def test_round_structure_for_fraud_and_normal_calls() -> None:
-    builder = RowBuilder(builtin_prompts("zh"), "offline", "text")
+    builder = RowBuilder(builtin_prompts("zh"), "offline", "text", chain_scene=True)  # SAFE-QAQ's chaining
     fraud = builder.grpo_rows(sample_of_call(estimate_times(call_of(3))))
     assert [(r["task"], r["answers"]) for r in fraud] == [("is_fraud", "fraud"), ("fraud_type", "投资诈骗")]
+    assert [m["role"] for m in fraud[1]["messages"]] == ["system", "user", "assistant", "user"]
     normal = builder.grpo_rows(sample_of_call(estimate_times(call_of(3, is_fraud=False))))
     assert [(r["task"], r["answers"]) for r in normal] == [("scene", "打车服务"), ("is_fraud", "normal")]
     first, second = normal
@@ -235,8 +236,40 @@ def test_round_structure_for_fraud_and_normal_calls() -> None:
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
     assert second["messages"][:2] == first["messages"]  # the later round sees the earlier one
     assert parse_output(second["messages"][2]["content"]).label == "打车服务"
+    assert second["messages"][3]["content"].startswith(builtin_prompts("zh").follow_up)
     assert "左：" in first["messages"][1]["content"] and "左：" not in second["messages"][3]["content"]
     assert first["conversation_stage"] == "complete" and first["call_id"] == "c3" and first["audio_idx"] == 3
+
+
+def test_unchained_is_fraud_rows_have_the_same_shape_for_both_labels() -> None:
+    # Fraud transcripts carry no scene: chaining is_fraud onto a scene round only for normal calls would let
+    # the number of messages give the label away.
+    builder = RowBuilder(builtin_prompts("zh"), "offline", "text")
+    rows = builder.grpo_rows(sample_of_call(estimate_times(call_of(3, is_fraud=False))))
+    rows += builder.grpo_rows(sample_of_call(estimate_times(call_of(3))))
+    shapes = {r["answers"]: [m["role"] for m in r["messages"]] for r in rows if r["task"] == "is_fraud"}
+    assert shapes == {"normal": ["system", "user"], "fraud": ["system", "user"]}
+    fraud_type = next(r for r in rows if r["task"] == "fraud_type")
+    assert len(fraud_type["messages"]) == 4  # the fraud type still builds on the is_fraud round
+    sft = builder.sft_rows(sample_of_call(estimate_times(call_of(3, is_fraud=False))))
+    assert [len(r["messages"]) for r in sft] == [3, 3]  # scene and is_fraud asked in their own conversations
+
+
+def test_build_chains_only_when_every_call_has_a_scene(tmp_path: Path) -> None:
+    normal = [estimate_times(call_of(3, is_fraud=False))]
+    assert build_split(normal, tmp_path / "a")["chain_scene"] is True
+    mixed = [*normal, estimate_times(call_of(4))]
+    assert build_split(mixed, tmp_path / "b")["chain_scene"] is False
+
+
+def test_transcript_cut_and_evidence_in_reasoning() -> None:
+    builder = RowBuilder(builtin_prompts("zh"), "offline", "text", max_transcript_chars=12, evidence_chars=5)
+    call = estimate_times(call_of(3))
+    [row] = builder.sft_rows(sample_of_call(call))
+    assert call.transcript()[:12] in row["messages"][1]["content"]
+    assert call.transcript()[:13] not in row["messages"][1]["content"]
+    think = parse_output(row["messages"][2]["content"]).think
+    assert think is not None and think.startswith("来电方说：“字字字字字”")
 
 
 def test_reference_answers_earn_full_rewards() -> None:
@@ -244,7 +277,7 @@ def test_reference_answers_earn_full_rewards() -> None:
     call = estimate_times(call_of(6))
     prefix = cut_prefixes(call)[0]
     rows = builder.grpo_rows(Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s))
-    sft = RowBuilder(builtin_prompts("en"), "realtime", "text").sft_row(
+    [sft] = RowBuilder(builtin_prompts("en"), "realtime", "text").sft_rows(
         Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s)
     )
     targets = [m["content"] for m in sft["messages"] if m["role"] == "assistant"]
@@ -306,7 +339,10 @@ def test_built_datasets_keep_test_calls_out_of_training(tmp_path: Path, all_call
     assert train_ids == {c.call_id for c in parts["train"]} and test_ids <= {c.call_id for c in parts["test"]}
     assert not train_ids & test_ids
     card = json.loads((tmp_path / "train" / "card.json").read_text("utf-8"))
-    assert card["rows"]["sft_rows"] == len(parts["train"])
+    # one conversation per call, two for calls with a scene (scene and is_fraud are asked separately)
+    assert card["rows"]["sft_rows"] == len(parts["train"]) + sum(
+        c.labels.scene is not None for c in parts["train"]
+    )
     assert set(card["realtime_rows_per_stage"]) == {"early_stage", "late_stage", "complete"}
 
 

@@ -61,6 +61,7 @@ class Rationales(_Strict):
     fraud: str
     normal: str
     fraud_type: str
+    evidence: str  # how reasoning quotes the caller ($evidence)
 
 
 class PromptSet(_Strict):
@@ -84,6 +85,10 @@ class PromptSet(_Strict):
             return self.rationales.fraud if label else self.rationales.normal
         template = self.rationales.scene if round_ is Round.SCENE else self.rationales.fraud_type
         return _fill(template, {"label": str(label)})
+
+    def evidence(self, quote: str) -> str:
+        """The sentence of reference reasoning that quotes the caller."""
+        return _fill(self.rationales.evidence, {"evidence": quote})
 
     def user_prompt(
         self,

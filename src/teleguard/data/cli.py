@@ -181,6 +181,16 @@ def build_command(
     prompts: Annotated[str | None, typer.Option(help="zh, en, or a prompt file")] = None,
     early_until: float = 0.4,
     per_stage: int = 1,
+    chain_scene: Annotated[
+        bool | None,
+        typer.Option("--chain-scene/--no-chain-scene", help="default: when every call has a scene"),
+    ] = None,
+    max_transcript_chars: Annotated[
+        int | None, typer.Option(help="cut transcripts in prompts (CPU budgets)")
+    ] = None,
+    evidence_chars: Annotated[
+        int | None, typer.Option(help="quote the caller in reference reasoning")
+    ] = None,
 ) -> None:
     """Build the ms-swift datasets of every stage (sft, grpo, realtime) for each split."""
     from teleguard.data.dataset import build_datasets
@@ -202,6 +212,9 @@ def build_command(
                 prompts=prompts,
                 policy=PrefixPolicy(early_until=early_until, per_stage=per_stage or None),
                 clip_maker=clip_maker,
+                chain_scene=chain_scene,
+                max_transcript_chars=max_transcript_chars,
+                evidence_chars=evidence_chars,
             )
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))

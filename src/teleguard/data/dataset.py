@@ -88,13 +88,27 @@ def build_split(
     rate: SpeechRate | None = None,
     clip_maker: ClipMaker | None = None,
     progress: str | None = None,
+    chain_scene: bool | None = None,
+    max_transcript_chars: int | None = None,
+    evidence_chars: int | None = None,
 ) -> dict[str, Any]:
-    """The three datasets of one split; returns its card."""
+    """The three datasets of one split; returns its card.
+
+    `chain_scene=None` chains the is_fraud round onto the scene round only when every call has a scene label
+    (see RowBuilder: otherwise the conversation's shape would leak the label).
+    """
     if modality == "audio" and clip_maker is None:
         raise ValueError("the audio modality needs a clip maker (teleguard.data.audio)")
+    if chain_scene is None:
+        chain_scene = bool(calls) and all(c.labels.scene is not None for c in calls)
     prompt_set = load_prompts(prompts)
-    offline = RowBuilder(prompt_set, Mode.OFFLINE, modality)
-    realtime = RowBuilder(prompt_set, Mode.REALTIME, modality)
+    knobs = {
+        "chain_scene": chain_scene,
+        "max_transcript_chars": max_transcript_chars,
+        "evidence_chars": evidence_chars,
+    }
+    offline = RowBuilder(prompt_set, Mode.OFFLINE, modality, **knobs)
+    realtime = RowBuilder(prompt_set, Mode.REALTIME, modality, **knobs)
     out.mkdir(parents=True, exist_ok=True)
     sft, grpo, live = [], [], []
     stages: Counter[str] = Counter()
@@ -104,7 +118,7 @@ def build_split(
         call = estimate_times(call, rate)
         clips = clip_maker(call, None, len(call.turns)) if clip_maker else ()
         whole = sample_of_call(call, clips)
-        sft.append(offline.sft_row(whole))
+        sft += offline.sft_rows(whole)
         grpo += offline.grpo_rows(whole)
         if not call.turns:
             continue  # audio-only calls have no turn boundaries to cut at
@@ -131,6 +145,7 @@ def build_split(
         calls,
         modality=modality,
         language=prompt_set.language,
+        **knobs,
         rows=counts,
         grpo_rows_per_task=dict(tasks),
         realtime_rows_per_stage=dict(stages),

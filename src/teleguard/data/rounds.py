@@ -66,10 +66,29 @@ def sample_of_call(call: CallRecord, clips: Sequence[str] = ()) -> Sample:
 
 
 class RowBuilder:
-    """Turns samples into ms-swift rows with one prompt set, mode and modality."""
+    """Turns samples into ms-swift rows with one prompt set, mode and modality.
 
-    def __init__(self, prompts: PromptSet, mode: Mode, modality: Modality, *, system: bool = True) -> None:
+    `chain_scene`: whether the is_fraud round continues the scene round's conversation (SAFE-QAQ's order) or
+    opens its own. Chain only when every call has a scene label: if only normal calls had a scene round, the
+    shape of the conversation would give the label away (and a model would learn that, not the call).
+    `max_transcript_chars` cuts long transcripts (a CPU budget knob); `evidence_chars` quotes the caller's
+    words in the reference reasoning, so warm-start targets reason from the call rather than a fixed sentence.
+    """
+
+    def __init__(
+        self,
+        prompts: PromptSet,
+        mode: Mode,
+        modality: Modality,
+        *,
+        system: bool = True,
+        chain_scene: bool = False,
+        max_transcript_chars: int | None = None,
+        evidence_chars: int | None = None,
+    ) -> None:
         self.prompts, self.mode, self.modality, self.system = prompts, Mode(mode), modality, system
+        self.chain_scene = chain_scene
+        self.max_transcript_chars, self.evidence_chars = max_transcript_chars, evidence_chars
 
     def _question(self, sample: Sample, round_: Round, first: bool) -> str:
         if not first:
@@ -82,12 +101,18 @@ class RowBuilder:
             return "<audio>" * (len(sample.clips) - 1) + question
         if not sample.call.turns:
             raise ValueError(f"call {sample.call_id}: the text modality needs a transcript")
-        return self.prompts.user_prompt(round_, self.mode, transcript=sample.call.transcript())
+        transcript = sample.call.transcript()[: self.max_transcript_chars]
+        return self.prompts.user_prompt(round_, self.mode, transcript=transcript)
 
-    def _answer(self, truth: RoundTruth, stage: Stage) -> str:
-        think = None if self.mode is Mode.DIRECT else self.prompts.rationale(truth.round, truth.label)
+    def _answer(self, truth: RoundTruth, sample: Sample) -> str:
         reason = self.prompts.rationale(truth.round, truth.label)
-        return format_answer(truth.round, truth.label, stage=stage, reason=reason, think=think)
+        think = None if self.mode is Mode.DIRECT else reason
+        if think is not None and self.evidence_chars:
+            caller = "；".join(t.text for t in sample.call.turns if t.speaker == "left")[
+                : self.evidence_chars
+            ]
+            think = f"{self.prompts.evidence(caller)}\n{think}" if caller else think
+        return format_answer(truth.round, truth.label, stage=sample.stage, reason=reason, think=think)
 
     def _head(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.prompts.system}] if self.system else []
@@ -102,28 +127,44 @@ class RowBuilder:
             extra["audios"] = list(sample.clips)
         return extra
 
+    def conversations(self, labels: CallLabels) -> list[list[RoundTruth]]:
+        """The rounds of a call, grouped into the conversations they are asked in."""
+        truths = round_truths(labels)
+        if self.chain_scene or truths[0].round is not Round.SCENE:
+            return [truths]
+        return [truths[:1], truths[1:]]
+
     def grpo_rows(self, sample: Sample) -> list[dict[str, Any]]:
-        """One prompt-only row per round; each sees the earlier rounds with their reference answers."""
-        rows, messages = [], self._head()
-        for i, truth in enumerate(round_truths(sample.call.labels)):
-            messages = [*messages, {"role": "user", "content": self._question(sample, truth.round, i == 0)}]
-            rows.append(
-                {
-                    "messages": messages,
-                    "answers": truth.answer,
-                    "conversation_stage": str(sample.stage),
-                    "task": truth.round.value,
-                    **self._extra(sample),
-                }
-            )
-            messages = [*messages, {"role": "assistant", "content": self._answer(truth, sample.stage)}]
+        """One prompt-only row per round; each sees the earlier rounds of its conversation with reference answers."""
+        rows = []
+        for conversation in self.conversations(sample.call.labels):
+            messages = self._head()
+            for i, truth in enumerate(conversation):
+                messages = [
+                    *messages,
+                    {"role": "user", "content": self._question(sample, truth.round, i == 0)},
+                ]
+                rows.append(
+                    {
+                        "messages": messages,
+                        "answers": truth.answer,
+                        "conversation_stage": str(sample.stage),
+                        "task": truth.round.value,
+                        **self._extra(sample),
+                    }
+                )
+                messages = [*messages, {"role": "assistant", "content": self._answer(truth, sample)}]
         return rows
 
-    def sft_row(self, sample: Sample) -> dict[str, Any]:
-        """The whole conversation with an assistant target for every round."""
-        messages = self._head()
-        truths = round_truths(sample.call.labels)
-        for i, truth in enumerate(truths):
-            messages.append({"role": "user", "content": self._question(sample, truth.round, i == 0)})
-            messages.append({"role": "assistant", "content": self._answer(truth, sample.stage)})
-        return {"messages": messages, "conversation_stage": str(sample.stage), **self._extra(sample)}
+    def sft_rows(self, sample: Sample) -> list[dict[str, Any]]:
+        """Each conversation with an assistant target for every round."""
+        rows = []
+        for conversation in self.conversations(sample.call.labels):
+            messages = self._head()
+            for i, truth in enumerate(conversation):
+                messages.append({"role": "user", "content": self._question(sample, truth.round, i == 0)})
+                messages.append({"role": "assistant", "content": self._answer(truth, sample)})
+            rows.append(
+                {"messages": messages, "conversation_stage": str(sample.stage), **self._extra(sample)}
+            )
+        return rows

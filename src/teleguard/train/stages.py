@@ -183,6 +183,14 @@ class Runner:
 
     # ------------------------------------------------------------------------------------ ms-swift options
 
+    def _gpus(self) -> int | None:
+        """GPUs on this node, so one node's GPUs all train (ms-swift launches one process per GPU)."""
+        if self.recipe.device != "gpu":
+            return None
+        import torch
+
+        return torch.cuda.device_count() or None
+
     def _model_args(self, model: Path) -> list[str]:
         m = self.recipe.model
         return ["--model", str(model), "--model_type", m.model_type, "--template", m.template]

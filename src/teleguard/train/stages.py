@@ -140,7 +140,8 @@ class Runner:
         body.update(data=self.recipe.data.model_dump(mode="json"), device=self.recipe.device)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
-    def run(self, stage: str) -> StageResult:
+    def run(self, stage: str, start_model: Path | None = None) -> StageResult:
+        """Run one stage. `start_model` overrides the chain (a pipeline step passes the previous step's artifact)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         if stage not in self.recipe.enabled():
@@ -154,7 +155,7 @@ class Runner:
         if self.force and done:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        start_model = self.start_model(stage)
+        start_model = start_model or self.start_model(stage)
         started = time.monotonic()
         self.log(f"{stage}: starting from {start_model}")
         fields = getattr(

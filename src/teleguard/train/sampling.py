@@ -88,6 +88,30 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def generate_samples(
+    engine: Engine, rows: Sequence[dict[str, Any]], params: SamplingParams, batch_size: int = 16
+) -> list[list[str]]:
+    """`params.n` samples for each prompt row, generated in batches."""
+    samples: list[list[str]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        samples += engine.generate([prompt_of_row(r) for r in batch], params)
+    return samples
+
+
+def write_selection(
+    rows: Sequence[dict[str, Any]], samples: Sequence[Sequence[str]], out_dir: Path
+) -> dict[str, Any]:
+    """Select, and write `sft.jsonl` (kept rows), `unsolved.jsonl` and `report.json` to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selection = select(rows, samples)
+    write_jsonl(out_dir / "sft.jsonl", selection.rows)
+    write_jsonl(out_dir / "unsolved.jsonl", selection.unsolved)
+    report = selection.report()
+    (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", "utf-8")
+    return report
+
+
 def rejection_sample(
     engine: Engine,
     rows: Sequence[dict[str, Any]],
@@ -95,15 +119,5 @@ def rejection_sample(
     out_dir: Path,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Sample, select, and write `sft.jsonl` (kept rows), `unsolved.jsonl` and `report.json` to `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples: list[list[str]] = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        samples += engine.generate([prompt_of_row(r) for r in batch], params)
-    selection = select(rows, samples)
-    write_jsonl(out_dir / "sft.jsonl", selection.rows)
-    write_jsonl(out_dir / "unsolved.jsonl", selection.unsolved)
-    report = selection.report()
-    (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", "utf-8")
-    return report
+    """Sample and select (stage 2a in one go)."""
+    return write_selection(rows, generate_samples(engine, rows, params, batch_size), out_dir)

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: one per step, each a thin call into the teleguard library."""

@@ -1,0 +1,76 @@
+"""Evaluation and the gated registration of the serving model."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from teleguard.components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def evaluate(
+    recipe: str,
+    recipe_overrides: dict,
+    datasets: Input[Dataset],
+    final_model: Input[Model],
+    stage1_model: Input[Model],
+    rsft_model: Input[Model],
+    lcrl_model: Input[Model],
+    compare_stages: bool,
+    min_fraud_accuracy: float,
+    min_well_formed: float,
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    report_md: Output[Markdown],
+    details: Output[Dataset],
+) -> NamedTuple("Outputs", passed=bool, summary=str):
+    """TeleAntiFraud metrics, real-time metrics and a report comparing the stages; the quality gate's verdict."""
+    import json
+    import shutil
+    from collections import namedtuple
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import evaluate_step, quality_gate
+
+    models = {"final": Path(final_model.path)}
+    if compare_stages:
+        models = {
+            "grpo": Path(stage1_model.path),
+            "rsft": Path(rsft_model.path),
+            "lcrl": Path(lcrl_model.path),
+            **models,
+        }
+    results = evaluate_step(recipe, recipe_overrides, Path(datasets.path), models, Path(details.path))
+    final = results["final"]
+    for task in ("scene", "fraud", "fraud_type"):
+        for key in ("accuracy", "weighted_f1", "macro_f1"):
+            if task in final:
+                metrics.log_metric(f"{task}_{key}", round(final[task][key], 4))
+    metrics.log_metric("well_formed_rate", round(final["well_formed_rate"], 4))
+    metrics.log_metric("mean_think_length", round(final["mean_think_length"], 2))
+    for key in ("stage_accuracy", "early_detection_rate", "false_alarm_rate"):
+        if key in final.get("realtime", {}):
+            metrics.log_metric(key, round(final["realtime"][key], 4))
+    if "fraud" in final:
+        matrix = final["fraud"]["confusion_matrix"]
+        confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
+    shutil.copy(Path(details.path) / "report.html", report.path)
+    shutil.copy(Path(details.path) / "report.md", report_md.path)
+    passed = quality_gate(final, min_fraud_accuracy, min_well_formed)
+    outputs = namedtuple("Outputs", ["passed", "summary"])
+    return outputs(
+        passed, json.dumps({k: final.get(k) for k in ("fraud", "well_formed_rate")}, default=str)[:2000]
+    )
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def register_model(model: Input[Model], registry_uri: str, model_name: str, summary: str) -> str:
+    """Register the serving model (runs only when the evaluation passed the quality gate)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import register_step
+
+    return register_step(Path(model.path), registry_uri, model_name, json.loads(summary or "{}"))

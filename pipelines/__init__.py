@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines definitions (compiled YAML in compiled/)."""

@@ -1,0 +1,135 @@
+"""The SAFE-QAQ pipeline: data -> warm-start SFT -> GRPO -> rejection sampling -> RSFT -> LCRL -> real-time GRPO
+-> export -> evaluation -> (quality gate) -> registration.
+
+GPU steps go to the GPU node pool (node selector, toleration, accelerator type and count, a memory-backed
+/dev/shm, CPU/memory requests, retries with backoff) and are never cached; CPU steps stay on the default pool,
+and the data steps are cached. Checkpoints move between steps as artifacts (MinIO on a cluster: see
+manifests/kfp-launcher-minio.yaml). Compile with `teleguard pipeline compile`.
+"""
+
+from kfp import dsl, kubernetes
+
+from teleguard.components.data import build_data, synthesize_audio, text_datasets
+from teleguard.components.evaluation import evaluate, register_model
+from teleguard.components.training import (
+    export_model,
+    grpo_stage1,
+    lcrl,
+    realtime_grpo,
+    rejection_sampling,
+    rsft,
+    select_shortest_correct,
+    start_model,
+    warm_start_sft,
+)
+
+PIPELINE_NAME = "teleguard-safe-qaq"
+SHM_SIZE = "16Gi"  # NCCL and the data loaders need more than the container default of 64 MiB
+GPU_CPU_REQUEST, GPU_MEMORY_REQUEST = "8", "64Gi"
+CPU_CPU_REQUEST, CPU_MEMORY_REQUEST = "2", "8Gi"
+
+
+def on_gpu_pool(
+    task: dsl.PipelineTask, gpu_type: str, gpu_count: int, node_selector: dict, tolerations: list
+) -> dsl.PipelineTask:
+    task.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
+    task.set_cpu_request(GPU_CPU_REQUEST).set_memory_request(GPU_MEMORY_REQUEST)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+    )
+    # a preempted GPU node: retry; the stage resumes from its last checkpoint
+    task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0, backoff_max_duration="1800s")
+    return task.set_caching_options(False)
+
+
+def on_cpu_pool(task: dsl.PipelineTask, cache: bool) -> dsl.PipelineTask:
+    task.set_cpu_request(CPU_CPU_REQUEST).set_memory_request(CPU_MEMORY_REQUEST)
+    return task.set_caching_options(cache)
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="SAFE-QAQ: slow-thinking call-fraud detector trained with RL")
+def safe_qaq(
+    data_uri: str = "s3://teleguard/data/teleantifraud-dialogues",
+    source_format: str = "dialogues",
+    base_model_uri: str = "s3://teleguard/models/Qwen2-Audio-7B-Instruct",
+    recipe: str = "/opt/teleguard/recipes/safe-qaq/qwen2-audio-7b.yaml",
+    recipe_overrides: dict = {},  # noqa: B006 (KFP pipeline parameters take literal defaults)
+    prompts: str = "",
+    max_transcript_chars: int = 0,
+    evidence_chars: int = 0,
+    split_seed: int = 0,
+    use_audio: bool = True,
+    audio_calls_limit: int = 0,
+    gpu_type: str = "nvidia.com/gpu",
+    gpu_count: int = 4,
+    gpu_node_selector: dict = {"teleguard.io/node-pool": "gpu"},  # noqa: B006
+    gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
+    run_warm_start_sft: bool = False,
+    run_stage1_grpo: bool = True,
+    run_rsft: bool = True,
+    run_lcrl: bool = True,
+    run_realtime: bool = True,
+    compare_stages: bool = True,
+    min_fraud_accuracy: float = 0.85,
+    min_well_formed: float = 0.9,
+    registry_uri: str = "s3://teleguard/registry",
+    model_name: str = "teleguard-detector",
+):
+    def gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        return on_gpu_pool(task, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations)
+
+    recipe_args = {"recipe": recipe, "recipe_overrides": recipe_overrides}
+    data = on_cpu_pool(
+        build_data(
+            data_uri=data_uri, source_format=source_format, prompts=prompts, max_transcript_chars=max_transcript_chars,
+            evidence_chars=evidence_chars, split_seed=split_seed,
+        ),
+        cache=True,
+    ).set_display_name("build data")  # fmt: skip
+    with dsl.If(use_audio == True, name="audio"):  # noqa: E712 (a KFP condition, not a Python comparison)
+        audio = on_cpu_pool(
+            synthesize_audio(calls=data.outputs["calls"], limit=audio_calls_limit, prompts=prompts),
+            cache=True,
+        ).set_display_name("synthesize audio")
+    with dsl.Else(name="text"):
+        text = on_cpu_pool(text_datasets(datasets=data.outputs["datasets"]), cache=True)
+    datasets = dsl.OneOf(audio.outputs["audio_datasets"], text.outputs["selected"])
+
+    base = on_cpu_pool(start_model(base_model_uri=base_model_uri, **recipe_args), cache=True)
+    base.set_display_name("start model")
+    sft = gpu(
+        warm_start_sft(
+            enabled=run_warm_start_sft, datasets=datasets, start=base.outputs["model"], **recipe_args
+        )
+    )
+    stage1 = gpu(
+        grpo_stage1(enabled=run_stage1_grpo, datasets=datasets, start=sft.outputs["model"], **recipe_args)
+    )
+    samples = gpu(rejection_sampling(datasets=datasets, policy=stage1.outputs["model"], **recipe_args))
+    selection = on_cpu_pool(select_shortest_correct(samples=samples.outputs["samples"]), cache=False)
+    stage2b = gpu(
+        rsft(enabled=run_rsft, datasets=datasets, selection=selection.outputs["selection"],
+             start=stage1.outputs["model"], **recipe_args)
+    )  # fmt: skip
+    stage2c = gpu(lcrl(enabled=run_lcrl, datasets=datasets, start=stage2b.outputs["model"], **recipe_args))
+    stage3 = gpu(
+        realtime_grpo(enabled=run_realtime, datasets=datasets, start=stage2c.outputs["model"], **recipe_args)
+    )
+    exported = gpu(export_model(datasets=datasets, start=stage3.outputs["model"], **recipe_args))
+    evaluation = gpu(
+        evaluate(
+            datasets=datasets, final_model=exported.outputs["model"], stage1_model=stage1.outputs["model"],
+            rsft_model=stage2b.outputs["model"], lcrl_model=stage2c.outputs["model"], compare_stages=compare_stages,
+            min_fraud_accuracy=min_fraud_accuracy, min_well_formed=min_well_formed, **recipe_args,
+        )
+    )  # fmt: skip
+    with dsl.If(evaluation.outputs["passed"] == True, name="quality-gate"):  # noqa: E712
+        on_cpu_pool(
+            register_model(
+                model=exported.outputs["model"], registry_uri=registry_uri, model_name=model_name,
+                summary=evaluation.outputs["summary"],
+            ),
+            cache=False,
+        ).set_display_name("register model")  # fmt: skip

@@ -1,0 +1,235 @@
+"""What each Kubeflow Pipelines step does, as plain functions over folders.
+
+The KFP components (components/) are thin: each imports one function from here and hands it its artifact
+folders. The same functions run in a pod on the cluster and in KFP's local runner on this machine. A stage
+that the pipeline's parameters switch off passes its input model through, so every step's artifacts exist
+whichever stages ran.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from teleguard.train.config import Recipe, load_recipe
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+def _source_files(data_uri: str) -> list[Path]:
+    from teleguard.storage import local_copy
+
+    folder = local_copy(data_uri) if "://" in data_uri else Path(data_uri)
+    if folder.is_file():
+        return [folder]
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix in (".jsonl", ".json") and p.name != "manifest.json"
+    )
+    if not files:
+        raise FileNotFoundError(f"{data_uri}: no .jsonl or .json files")
+    return files
+
+
+def build_data_step(
+    data_uri: str,
+    out_calls: Path,
+    out_datasets: Path,
+    *,
+    source_format: str = "dialogues",
+    prompts: str | None = None,
+    max_transcript_chars: int | None = None,
+    evidence_chars: int | None = None,
+    split_seed: int = 0,
+) -> dict[str, Any]:
+    """Ingest (bad rows skipped and counted), split by call, and build every stage's text datasets."""
+    from teleguard.data.dataset import build_datasets, write_calls
+    from teleguard.data.ingest import ingest
+    from teleguard.data.splits import SplitSpec, split_calls
+    from teleguard.data.timing import estimate_times
+
+    calls, report = ingest(_source_files(data_uri), source_format, on_error="skip")  # type: ignore[arg-type]
+    calls = [estimate_times(c) for c in calls]
+    for name, part in split_calls(calls, SplitSpec(seed=split_seed)).items():
+        write_calls(out_calls / name, part, title=f"{name} split", rejected=len(report.rejected))
+    cards = build_datasets(
+        out_calls,
+        out_datasets,
+        prompts=prompts,
+        max_transcript_chars=max_transcript_chars,
+        evidence_chars=evidence_chars,
+    )
+    return {
+        "calls": len(calls),
+        "rejected": len(report.rejected),
+        "rows": {k: v["rows"] for k, v in cards.items()},
+    }
+
+
+def synthesize_audio_step(
+    calls: Path, out_calls: Path, out_datasets: Path, *, limit: int | None = None, prompts: str | None = None
+) -> dict[str, Any]:
+    """Synthesize audio for (the first `limit` calls of) each split and build the audio datasets."""
+    from teleguard.data.audio import synthesize_call
+    from teleguard.data.audio_clips import ClipWriter
+    from teleguard.data.dataset import CALLS_FILE, build_datasets, read_calls, write_calls
+    from teleguard.data.splits import SPLITS
+
+    counts = {}
+    for name in SPLITS:
+        if not (calls / name / CALLS_FILE).is_file():
+            continue
+        folder = out_calls / name
+        voiced = [
+            synthesize_call(call, folder / "audio" / f"{i:06d}.wav")
+            for i, call in enumerate(read_calls(calls / name)[:limit])
+        ]
+        write_calls(folder, voiced, title=f"{name} split with audio")
+        counts[name] = len(voiced)
+    cards = build_datasets(
+        out_calls, out_datasets, modality="audio", prompts=prompts, clip_maker=ClipWriter(out_datasets)
+    )
+    return {"calls": counts, "rows": {k: v["rows"] for k, v in cards.items()}}
+
+
+def step_recipe(recipe: str, overrides: dict[str, Any], **paths: str | None) -> Recipe:
+    """The recipe with the step's folders (model path, datasets, output_dir) and the user's overrides."""
+    where = {"model_path": "model.path", "datasets": "data.datasets", "output_dir": "output_dir"}
+    return load_recipe(recipe, {**overrides, **{where[k]: v for k, v in paths.items() if v}})
+
+
+def start_model_step(recipe: str, overrides: dict[str, Any], base_model_uri: str, out_model: Path) -> None:
+    """The pipeline's first model: `base_model_uri`, or the recipe's model (a tiny one is built if so configured)."""
+    from teleguard.train.stages import Runner
+
+    with tempfile.TemporaryDirectory(prefix="teleguard-base-") as tmp:
+        cfg = step_recipe(recipe, overrides, output_dir=tmp, model_path=base_model_uri or None)
+        if cfg.model.build_tiny is not None and not base_model_uri and "://" not in cfg.model.path:
+            cfg = step_recipe(recipe, overrides, output_dir=tmp, model_path=str(Path(tmp) / "base"))
+        copy_tree(Runner(cfg, log=print).start_model(cfg.enabled()[0]), out_model)
+
+
+def train_stage_step(
+    stage: str,
+    enabled: bool,
+    recipe: str,
+    overrides: dict[str, Any],
+    datasets: Path,
+    start_model: Path,
+    out_model: Path,
+    *,
+    selection: Path | None = None,
+) -> dict[str, Any]:
+    """Run one training stage (or pass the model through when switched off); its model goes to `out_model`."""
+    if not enabled:
+        copy_tree(start_model, out_model)
+        return {"skipped": True}
+    from teleguard.train.stages import Runner
+
+    with tempfile.TemporaryDirectory(prefix=f"teleguard-{stage}-") as tmp:
+        cfg = step_recipe(
+            recipe, {**overrides, f"stages.{stage}.enabled": True}, datasets=str(datasets), output_dir=tmp
+        )
+        if selection is not None:  # RSFT trains on what the selection step kept
+            copy_tree(selection, Path(tmp) / "sample")
+        result = Runner(cfg, log=print).run(stage, start_model=start_model)
+        copy_tree(result.model, out_model)
+        (out_model / "stage-manifest.json").write_text(
+            json.dumps(result.manifest, indent=2, default=str), "utf-8"
+        )
+        return result.manifest.get("metrics", {})
+
+
+def sample_step(
+    recipe: str, overrides: dict[str, Any], datasets: Path, model: Path, out_samples: Path
+) -> int:
+    """Stage 2a, first half: N samples per training prompt; writes rows with their samples."""
+    from teleguard.engines import SamplingParams, SwiftEngine
+    from teleguard.train.sampling import generate_samples, read_rows, write_jsonl
+
+    cfg = step_recipe(recipe, overrides, datasets=str(datasets))
+    s = cfg.stages.sample
+    rows = read_rows(datasets / cfg.data.train_split / "grpo.jsonl", s.limit)
+    engine = SwiftEngine(
+        model,
+        kind=s.engine,
+        model_type=cfg.model.model_type,
+        template=cfg.model.template,
+        media_root=datasets if cfg.data.modality == "audio" else None,
+        max_batch_size=s.batch_size,
+    )
+    params = SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            max_tokens=s.max_tokens, seed=s.seed)  # fmt: skip
+    samples = generate_samples(engine, rows, params, s.batch_size)
+    out_samples.mkdir(parents=True, exist_ok=True)
+    write_jsonl(
+        out_samples / "samples.jsonl",
+        ({**row, "samples": outs} for row, outs in zip(rows, samples, strict=True)),
+    )
+    return len(rows)
+
+
+def select_step(samples: Path, out_selection: Path) -> dict[str, Any]:
+    """Stage 2a, second half: keep the shortest correct sample of each prompt; report the unsolved ones."""
+    from teleguard.train.sampling import read_rows, write_selection
+
+    rows = read_rows(samples / "samples.jsonl")
+    outs = [row.pop("samples") for row in rows]
+    return write_selection(rows, outs, out_selection)
+
+
+def evaluate_step(
+    recipe: str, overrides: dict[str, Any], datasets: Path, models: dict[str, Path], out_report: Path
+) -> dict[str, dict[str, Any]]:
+    """Greedy predictions of each model on the held-out split; metrics and a report comparing them."""
+    from teleguard.engines import SwiftEngine
+    from teleguard.evaluate.run import evaluate_models, read_eval_rows
+
+    cfg = step_recipe(recipe, overrides, datasets=str(datasets))
+    e = cfg.evaluate
+    media = datasets if cfg.data.modality == "audio" else None
+    engines = {
+        name: (lambda path=path: SwiftEngine(path, kind=e.engine, model_type=cfg.model.model_type,
+                                             template=cfg.model.template, media_root=media, max_batch_size=e.batch_size))
+        for name, path in models.items()
+    }  # fmt: skip
+    rows = read_eval_rows(datasets / cfg.data.eval_split, realtime=e.realtime, limit=e.limit)
+    return evaluate_models(
+        engines, rows, out_report, max_tokens=e.max_tokens, batch_size=e.batch_size, alert_threshold=e.alert_threshold,
+        title=f"{cfg.name}: evaluation on {cfg.data.eval_split}",
+    )  # fmt: skip
+
+
+def quality_gate(result: dict[str, Any], min_fraud_accuracy: float, min_well_formed: float) -> bool:
+    """Whether a model may be registered for serving."""
+    fraud = result.get("fraud", {})
+    return (
+        fraud.get("accuracy", 0.0) >= min_fraud_accuracy
+        and result.get("well_formed_rate", 0.0) >= min_well_formed
+    )
+
+
+def register_step(model: Path, registry_uri: str, name: str, metrics: dict[str, Any]) -> str:
+    """Put the serving model under `<registry_uri>/<name>/<version>` (local folder or S3, with checksums)."""
+    import time
+
+    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = f"{registry_uri.rstrip('/')}/{name}/{version}"
+    with tempfile.TemporaryDirectory(prefix="teleguard-register-") as tmp:
+        staged = Path(tmp) / "model"
+        copy_tree(model, staged)
+        (staged / "teleguard-model-card.json").write_text(
+            json.dumps({"name": name, "version": version, "metrics": metrics}, indent=2, default=str), "utf-8"
+        )
+        if "://" in registry_uri:
+            from teleguard.storage import put_dir
+
+            put_dir(staged, target)
+        else:
+            copy_tree(staged, Path(target))
+    return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from kfp import compiler
 
@@ -51,3 +52,61 @@ def test_gpu_steps_carry_the_gpu_settings_and_cpu_steps_none(tmp_path: Path) -> 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert all("defaultValue" in p or p.get("isOptional") for p in params.values())
     assert params["gpu_count"]["defaultValue"] == 4
+
+
+def test_compiled_files_are_in_sync(tmp_path: Path, monkeypatch) -> None:
+    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE, SPEC_FILE, compile_pipelines
+
+    monkeypatch.delenv("TELEGUARD_TRAINER_IMAGE", raising=False)
+    compile_pipelines(tmp_path)
+    for name in (SPEC_FILE, MANIFEST_FILE):
+        # parsed, not as text: the compiler's header comment prints dict defaults in no fixed order
+        fresh = list(yaml.safe_load_all((tmp_path / name).read_text("utf-8")))
+        committed = list(yaml.safe_load_all((COMPILED_DIR / name).read_text("utf-8")))
+        assert fresh == committed, f"pipelines/compiled/{name} is stale: run `teleguard pipeline compile`"
+
+
+def crd_validator(crd_file: Path, version: str):
+    import jsonschema
+
+    crd = yaml.safe_load(crd_file.read_text("utf-8"))
+    [schema] = [v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_pipeline_manifests_validate_against_the_crds() -> None:
+    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE
+
+    crds = Path(__file__).resolve().parents[1].parent / "shared" / "schemas" / "crds"
+    if not crds.is_dir():
+        pytest.skip("the shared CRD schemas are not beside this checkout (../shared/schemas)")
+    docs = list(yaml.safe_load_all((COMPILED_DIR / MANIFEST_FILE).read_text("utf-8")))
+    assert [d["kind"] for d in docs] == ["Pipeline", "PipelineVersion"]
+    files = {
+        "Pipeline": "pipelines.kubeflow.org_pipelines.yaml",
+        "PipelineVersion": "pipelines.kubeflow.org_pipelineversions.yaml",
+    }
+    for doc in docs:
+        group_version = doc["apiVersion"].split("/")[1]
+        errors = list(crd_validator(crds / files[doc["kind"]], group_version).iter_errors(doc))
+        assert not errors, [e.message for e in errors]
+    version = docs[1]
+    assert version["spec"]["pipelineName"] == docs[0]["metadata"]["name"]
+    assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == "teleguard-safe-qaq"
+
+
+def test_kfp_launcher_configmap_points_at_minio_with_secret_credentials() -> None:
+    path = Path(__file__).resolve().parents[1] / "manifests" / "kfp-launcher-minio.yaml"
+    config = yaml.safe_load(path.read_text("utf-8"))
+    assert (config["kind"], config["metadata"]["name"]) == ("ConfigMap", "kfp-launcher")
+    assert config["data"]["defaultPipelineRoot"].startswith("minio://")
+    s3 = yaml.safe_load(config["data"]["providers"])["s3"]["default"]
+    assert s3["forcePathStyle"] is True and s3["endpoint"]
+    assert s3["credentials"] == {
+        "fromEnv": False,
+        "secretRef": {
+            "secretName": "teleguard-minio",
+            "accessKeyKey": "accesskey",
+            "secretKeyKey": "secretkey",
+        },
+    }

@@ -40,3 +40,75 @@ def compile_pipelines(folder: Path) -> list[Path]:
         safe_qaq, str(manifest), kubernetes_manifest_format=True, kubernetes_manifest_options=options
     )
     return [spec, manifest]
+
+
+def local_arguments(recipe: str, data_uri: str, registry_uri: str, **extra: object) -> dict[str, object]:
+    """Pipeline arguments for KFP's local runner: text data, the recipe's own start model, no GPU settings used."""
+    return {
+        "data_uri": data_uri,
+        "base_model_uri": "",
+        "recipe": recipe,
+        "use_audio": False,
+        "registry_uri": registry_uri,
+        **extra,
+    }
+
+
+def run_local(arguments: dict[str, object], pipeline_root: Path) -> object:
+    """Run the whole pipeline with KFP's local runner in this Python environment (no Docker, no cluster).
+
+    Kubernetes settings (GPU pool, shm, tolerations) are ignored locally; artifacts land under pipeline_root.
+    """
+    from kfp import local
+
+    from teleguard.pipelines.safe_qaq import safe_qaq
+
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
+    return safe_qaq(**arguments)
+
+
+def submit(
+    host: str,
+    arguments: dict[str, object],
+    *,
+    experiment: str = "teleguard",
+    namespace: str | None = None,
+    token: str | None = None,
+    spec: Path | None = None,
+) -> str:
+    """Upload the compiled pipeline (a new version if it exists), then start a run in an experiment.
+
+    The token comes from the caller or KF_PIPELINES_TOKEN; without one, the kfp client reads the kubeconfig.
+    Returns the run id.
+    """
+    import kfp
+
+    from teleguard.pipelines.safe_qaq import PIPELINE_NAME
+
+    spec = spec or COMPILED_DIR / SPEC_FILE
+    client = kfp.Client(
+        host=host, existing_token=token or os.environ.get("KF_PIPELINES_TOKEN"), namespace=namespace
+    )
+    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    version = f"{pipeline_version_name()}-{os.urandom(3).hex()}"
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(str(spec), pipeline_name=PIPELINE_NAME)
+        pipeline_id = pipeline.pipeline_id
+        versions = client.list_pipeline_versions(pipeline_id).pipeline_versions or []
+        version_id = versions[0].pipeline_version_id
+    else:
+        uploaded = client.upload_pipeline_version(
+            str(spec), pipeline_version_name=version, pipeline_id=pipeline_id
+        )
+        version_id = uploaded.pipeline_version_id
+    exp = client.create_experiment(experiment, namespace=namespace)
+    run = client.run_pipeline(
+        experiment_id=exp.experiment_id,
+        job_name=f"{PIPELINE_NAME}-{os.urandom(3).hex()}",
+        params=arguments,
+        pipeline_id=pipeline_id,
+        version_id=version_id,
+    )
+    return run.run_id

@@ -446,3 +446,9 @@ def test_built_dataset_round_trips_through_s3_with_checksums(
         storage.verify("s3://teleguard-data/datasets/text")
     with pytest.raises(storage.ChecksumError, match=r"dev/grpo\.jsonl"):
         storage.get_dir("s3://teleguard-data/datasets/text", tmp_path / "copy2")
+
+
+def test_split_order_mixes_the_labels(all_calls) -> None:
+    test = split_calls(all_calls)["test"]
+    first = [c.labels.is_fraud for c in test[:40]]
+    assert 0 < sum(first) < 40  # not one class first: a stage that reads the first N rows sees both

@@ -98,6 +98,20 @@ class SwiftEngine:
         return [[choice.message.content or "" for choice in r.choices] for r in responses]
 
 
+def recipe_engine(
+    recipe: Any, model: str | Path, datasets: Path, *, kind: EngineKind, batch_size: int
+) -> SwiftEngine:
+    """The engine for a recipe's model family; audio rows resolve their clips against the dataset folder."""
+    return SwiftEngine(
+        model,
+        kind=kind,
+        model_type=recipe.model.model_type,
+        template=recipe.model.template,
+        media_root=datasets if recipe.data.modality == "audio" else None,
+        max_batch_size=batch_size,
+    )
+
+
 def prompt_of_row(row: dict[str, Any]) -> Prompt:
     """The prompt of an ms-swift row: its messages up to the last user turn, and its audio."""
     messages = list(row["messages"])

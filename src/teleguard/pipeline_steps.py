@@ -149,22 +149,14 @@ def sample_step(
     recipe: str, overrides: dict[str, Any], datasets: Path, model: Path, out_samples: Path
 ) -> int:
     """Stage 2a, first half: N samples per training prompt; writes rows with their samples."""
-    from teleguard.engines import SamplingParams, SwiftEngine
-    from teleguard.train.sampling import generate_samples, read_rows, write_jsonl
+    from teleguard.engines import recipe_engine
+    from teleguard.train.sampling import generate_samples, read_rows, sampling_params, write_jsonl
 
     cfg = step_recipe(recipe, overrides, datasets=str(datasets))
     s = cfg.stages.sample
     rows = read_rows(datasets / cfg.data.train_split / "grpo.jsonl", s.limit)
-    engine = SwiftEngine(
-        model,
-        kind=s.engine,
-        model_type=cfg.model.model_type,
-        template=cfg.model.template,
-        media_root=datasets if cfg.data.modality == "audio" else None,
-        max_batch_size=s.batch_size,
-    )
-    params = SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            max_tokens=s.max_tokens, seed=s.seed)  # fmt: skip
+    engine = recipe_engine(cfg, model, datasets, kind=s.engine, batch_size=s.batch_size)
+    params = sampling_params(s)
     samples = generate_samples(engine, rows, params, s.batch_size)
     out_samples.mkdir(parents=True, exist_ok=True)
     write_jsonl(
@@ -187,17 +179,15 @@ def evaluate_step(
     recipe: str, overrides: dict[str, Any], datasets: Path, models: dict[str, Path], out_report: Path
 ) -> dict[str, dict[str, Any]]:
     """Greedy predictions of each model on the held-out split; metrics and a report comparing them."""
-    from teleguard.engines import SwiftEngine
+    from teleguard.engines import recipe_engine
     from teleguard.evaluate.run import evaluate_models, read_eval_rows
 
     cfg = step_recipe(recipe, overrides, datasets=str(datasets))
     e = cfg.evaluate
-    media = datasets if cfg.data.modality == "audio" else None
     engines = {
-        name: (lambda path=path: SwiftEngine(path, kind=e.engine, model_type=cfg.model.model_type,
-                                             template=cfg.model.template, media_root=media, max_batch_size=e.batch_size))
+        name: (lambda path=path: recipe_engine(cfg, path, datasets, kind=e.engine, batch_size=e.batch_size))
         for name, path in models.items()
-    }  # fmt: skip
+    }
     rows = read_eval_rows(datasets / cfg.data.eval_split, realtime=e.realtime, limit=e.limit)
     return evaluate_models(
         engines, rows, out_report, max_tokens=e.max_tokens, batch_size=e.batch_size, alert_threshold=e.alert_threshold,

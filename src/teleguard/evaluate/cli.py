@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from teleguard.train.cli import parse_overrides
-from teleguard.train.config import RecipeError, load_recipe
+from teleguard.train.cli import recipe_or_exit
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -25,16 +24,12 @@ def evaluate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field")] = None,
 ) -> None:
     """Greedy predictions on the held-out split for each stage's model; metrics JSON and a Markdown/HTML report."""
-    from teleguard.engines import SwiftEngine
+    from teleguard.engines import recipe_engine
     from teleguard.evaluate.run import evaluate_models, read_eval_rows
     from teleguard.train.manifest import read_manifest
     from teleguard.train.stages import Runner
 
-    try:
-        recipe = load_recipe(config, parse_overrides(set_ or []))
-    except RecipeError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+    recipe = recipe_or_exit(config, set_)
     runner = Runner(recipe, log=lambda line: console.print(line, highlight=False))
     wanted = [s.strip() for s in stages.split(",") if s.strip()] or [
         s for s in recipe.enabled() if s not in ("sample", "export")
@@ -53,17 +48,9 @@ def evaluate(
         models[name] = runner.folder(name) / manifest["model"]
     e = recipe.evaluate
     datasets = runner.datasets()
-    media = datasets if recipe.data.modality == "audio" else None
 
     def engine_for(path: Path):
-        return lambda: SwiftEngine(
-            path,
-            kind=e.engine,
-            model_type=recipe.model.model_type,
-            template=recipe.model.template,
-            media_root=media,
-            max_batch_size=e.batch_size,
-        )
+        return lambda: recipe_engine(recipe, path, datasets, kind=e.engine, batch_size=e.batch_size)
 
     rows = read_eval_rows(datasets / recipe.data.eval_split, realtime=e.realtime, limit=e.limit)
     out_dir = out or runner.root / "evaluation"

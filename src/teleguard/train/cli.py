@@ -26,6 +26,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def recipe_or_exit(config: Path, set_: list[str] | None):
+    """The validated recipe, or exit 2 with the file and the fields that are wrong."""
+    try:
+        return load_recipe(config, parse_overrides(set_ or []))
+    except RecipeError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def train(
     stage: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}, or all")],
     config: Annotated[Path, typer.Option("--config", "-c", help="recipe file")],
@@ -38,11 +47,7 @@ def train(
     from teleguard.train.stages import Runner
     from teleguard.train.swift import SwiftError
 
-    try:
-        recipe = load_recipe(config, parse_overrides(set_ or []))
-    except RecipeError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+    recipe = recipe_or_exit(config, set_)
     if stage != "all" and stage not in STAGES:
         err_console.print(f"[red]error:[/red] unknown stage {stage!r}; stages: {', '.join(STAGES)}, all")
         raise typer.Exit(2)

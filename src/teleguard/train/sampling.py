@@ -71,6 +71,18 @@ def select(rows: Sequence[dict[str, Any]], samples: Sequence[Sequence[str]]) -> 
     return selection
 
 
+def sampling_params(stage: Any) -> SamplingParams:
+    """The sample stage's settings (teleguard.train.config.SampleStage) as engine sampling parameters."""
+    return SamplingParams(
+        n=stage.num_samples,
+        temperature=stage.temperature,
+        top_p=stage.top_p,
+        top_k=stage.top_k,
+        max_tokens=stage.max_tokens,
+        seed=stage.seed,
+    )
+
+
 def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as f:

@@ -355,28 +355,14 @@ class Runner:
         return self._train("rlhf", stage, model, folder, options)
 
     def _run_sample(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
-        from teleguard.engines import SamplingParams, SwiftEngine
-        from teleguard.train.sampling import read_rows, rejection_sample
+        from teleguard.engines import recipe_engine
+        from teleguard.train.sampling import read_rows, rejection_sample, sampling_params
 
         s = self.recipe.stages.sample
         source = self.datasets() / self.recipe.data.train_split / "grpo.jsonl"
         rows = read_rows(source, s.limit)
-        engine = SwiftEngine(
-            model,
-            kind=s.engine,
-            model_type=self.recipe.model.model_type,
-            template=self.recipe.model.template,
-            media_root=self.datasets() if self.recipe.data.modality == "audio" else None,
-            max_batch_size=s.batch_size,
-        )
-        params = SamplingParams(
-            n=s.num_samples,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_tokens=s.max_tokens,
-            seed=s.seed,
-        )
+        engine = recipe_engine(self.recipe, model, self.datasets(), kind=s.engine, batch_size=s.batch_size)
+        params = sampling_params(s)
         report = rejection_sample(engine, rows, params, folder, batch_size=s.batch_size)
         self.log(
             f"sample: kept {report['kept']} of {report['prompts']} prompts ({report['unsolved']} unsolved)"

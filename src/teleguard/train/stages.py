@@ -28,7 +28,7 @@ from typing import Any
 from teleguard.train.config import STAGES, GrpoStage, Recipe, RsftStage, SftStage
 from teleguard.train.distributed import swift_launch_env
 from teleguard.train.manifest import read_manifest, tree_sha256, write_manifest
-from teleguard.train.swift import CPU_OPTIONS, flags, plugin_args, run_swift
+from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, plugin_args, run_swift
 
 TRAIN_DIR, MODEL_DIR = "train", "model"
 WORK_DIR_ENV = "TELEGUARD_WORK_DIR"  # where stages with an s3:// output_dir keep their local copies
@@ -48,8 +48,12 @@ def _is_uri(location: str) -> bool:
 
 
 def latest_checkpoint(train_dir: Path) -> Path | None:
+    """The newest complete checkpoint. A run killed while saving leaves a partial folder behind; the trainer
+    writes trainer_state.json last, so only folders that have it count."""
     checkpoints = [
-        p for p in train_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+        p
+        for p in train_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
     ]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
@@ -249,19 +253,11 @@ class Runner:
         self, command: str, stage: str, model: Path, folder: Path, options: dict[str, Any]
     ) -> dict[str, Any]:
         train_dir = folder / TRAIN_DIR
-        resume = latest_checkpoint(train_dir)
-        if resume is not None:
-            self.log(f"{stage}: resuming from {resume}")
-            options["resume_from_checkpoint"] = resume
-        options["output_dir"] = train_dir
-        audio = self.recipe.model.model_type == "qwen2_audio"
-        env = swift_launch_env(os.environ)
-        if self.recipe.data.modality == "audio":
-            env["ROOT_IMAGE_DIR"] = str(
-                self.datasets()
-            )  # audio clip paths are relative to the dataset folder
-        args = [*self._model_args(model), *plugin_args(audio=audio), *flags(options)]
-        run_swift(command, args, log_path=folder / f"{command}.log", environ=env)
+        resume = None
+        if training_finished(train_dir):
+            self.log(f"{stage}: training had finished; finishing the stage")
+        else:
+            resume = self._run_training(command, stage, model, folder, options)
         checkpoint = latest_checkpoint(train_dir)
         if checkpoint is None:
             raise RuntimeError(f"{stage}: ms-swift finished without a checkpoint in {train_dir}")
@@ -277,6 +273,35 @@ class Runner:
             "model": str(model_dir.relative_to(folder)),
             "metrics": train_metrics(train_dir),
         }
+
+    def _run_training(
+        self, command: str, stage: str, model: Path, folder: Path, options: dict[str, Any]
+    ) -> Path | None:
+        """Train, resuming from the newest complete checkpoint; returns the checkpoint it resumed from."""
+        train_dir = folder / TRAIN_DIR
+        options["output_dir"] = train_dir
+        env = swift_launch_env(os.environ, gpus_per_node=self._gpus())
+        if self.recipe.data.modality == "audio":
+            env["ROOT_IMAGE_DIR"] = str(
+                self.datasets()
+            )  # audio clip paths are relative to the dataset folder
+        plugins = plugin_args(audio=self.recipe.model.model_type == "qwen2_audio")
+        while True:
+            resume = latest_checkpoint(train_dir)
+            if resume is not None:
+                self.log(f"{stage}: resuming from {resume}")
+                options["resume_from_checkpoint"] = resume
+            args = [*self._model_args(model), *plugins, *flags(options)]
+            try:
+                run_swift(command, args, log_path=folder / f"{command}.log", environ=env)
+                return resume
+            except SwiftError as err:
+                if resume is None or "valid checkpoint" not in str(err):
+                    raise
+                # a checkpoint cut short by a kill: set it aside and resume from the one before it
+                self.log(f"{stage}: {resume.name} cannot be loaded; trying the checkpoint before it")
+                resume.rename(resume.with_name(f"{resume.name}.incomplete"))
+                options.pop("resume_from_checkpoint", None)
 
     def _final_model(self, checkpoint: Path, folder: Path) -> Path:
         """A full model folder for the next stage: LoRA merged into its base, or the full checkpoint itself."""

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from teleguard.contract.labels import FRAUD_TYPE_NAMES, SCENE_NAMES, STAGES, Round
+from teleguard.yaml_files import field_errors, read_mapping
 
 
 class Mode(StrEnum):
@@ -170,21 +171,12 @@ def load_prompts(source: str | Path | None = None) -> PromptSet:
     if source is None or str(source) in ("zh", "en"):
         return builtin_prompts(str(source or "zh"))  # type: ignore[arg-type]
     path = Path(source)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PromptFileError(f"{path}: cannot read prompt file: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise PromptFileError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise PromptFileError(f"{path}: a prompt file is a mapping of sections, got {type(raw).__name__}")
+    raw = read_mapping(path, "prompt file", PromptFileError)
     language = raw.get("language", "zh")
     if language not in ("zh", "en"):
         raise PromptFileError(f"{path}: field 'language' must be 'zh' or 'en', got {language!r}")
     try:
         return PromptSet.model_validate(_merge(_builtin_raw(language), raw))
     except ValidationError as err:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors(include_url=False)
-        )
+        problems = "; ".join(field_errors(err))
         raise PromptFileError(f"{path}: {problems}") from err

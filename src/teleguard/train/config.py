@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from teleguard.rewards import REWARDS
+from teleguard.yaml_files import field_errors, read_mapping
 
 STAGES = ("sft", "grpo", "sample", "rsft", "lcrl", "realtime", "export")
 Stage = Literal["sft", "grpo", "sample", "rsft", "lcrl", "realtime", "export"]
@@ -230,14 +230,7 @@ class RecipeError(ValueError):
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe file; `overrides` ({"stages.grpo.max_steps": 2, ...}) are applied first."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise RecipeError(f"{path}: cannot read recipe: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping, got {type(raw).__name__}")
+    raw = read_mapping(path, "recipe", RecipeError)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -249,8 +242,5 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        problems = "\n".join(
-            f"  field '{'.'.join(str(p) for p in e['loc']) or '(recipe)'}': {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors(include_url=False)
-        )
+        problems = "\n".join(f"  {line}" for line in field_errors(err))
         raise RecipeError(f"{path}: invalid recipe:\n{problems}") from err

@@ -63,6 +63,7 @@ class Runner:
 
     def __init__(self, recipe: Recipe, *, force: bool = False, log: Callable[[str], None] = print) -> None:
         self.recipe, self.force, self.log = recipe, force, log
+        self._fetched: dict[str, Path] = {}
         out = recipe.output_dir
         if _is_uri(out):
             base = Path(os.environ.get(WORK_DIR_ENV, Path.home() / ".cache" / "teleguard" / "runs"))
@@ -76,11 +77,14 @@ class Runner:
         return self.root / stage
 
     def _fetch(self, location: str) -> Path:
+        """A local folder for a path or URI; a URI is downloaded and checked once per runner, not per use."""
         if not _is_uri(location):
             return Path(location)
-        from teleguard.storage import local_copy
+        if location not in self._fetched:
+            from teleguard.storage import local_copy
 
-        return local_copy(location)
+            self._fetched[location] = local_copy(location)
+        return self._fetched[location]
 
     def datasets(self) -> Path:
         return self._fetch(self.recipe.data.datasets)

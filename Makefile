@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
+# The main job: the whole SAFE-QAQ pipeline with KFP's local runner (tiny model, shared transcripts).
 demo: setup
-	$(BIN)/teleguard demo --data $(DATA) --out runs/demo
+	$(BIN)/teleguard pipeline run --local --args recipes/safe-qaq/pipeline-cpu.yaml --arg data_uri=$(DATA)
 
 # SAFE-QAQ end to end on this machine: data from the shared transcripts, every stage of the tiny CPU recipe,
 # then the evaluation report comparing the stages (runs/safe-qaq-tiny-cpu/evaluation/report.md).

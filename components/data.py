@@ -1,7 +1,7 @@
 """Data steps: build the datasets of every stage from raw call data (CPU, cached)."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Markdown, Output
+from kfp.dsl import Dataset, Input, Markdown, Output
 
 from teleguard.components.images import TRAINER_IMAGE
 
@@ -40,28 +40,33 @@ def build_data(
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def synthesize_audio(
-    calls: dsl.Input[Dataset],
+    enabled: bool,
+    calls: Input[Dataset],
+    text_datasets: Input[Dataset],
     limit: int,
     prompts: str,
     audio_calls: Output[Dataset],
-    audio_datasets: Output[Dataset],
+    datasets: Output[Dataset],
 ) -> str:
-    """Synthesize call audio offline (espeak-ng) and build the audio datasets of every stage."""
+    """Synthesize call audio offline (espeak-ng) and build the audio datasets of every stage.
+
+    Switched off, the text datasets pass through, so the steps after it always read this step's `datasets`.
+    """
     import json
+    import shutil
     from pathlib import Path
 
     from teleguard.pipeline_steps import synthesize_audio_step
 
+    if not enabled:
+        shutil.copytree(text_datasets.path, datasets.path, dirs_exist_ok=True)
+        Path(audio_calls.path).mkdir(parents=True, exist_ok=True)
+        return json.dumps({"skipped": True})
     summary = synthesize_audio_step(
-        Path(calls.path), Path(audio_calls.path), Path(audio_datasets.path), limit=limit or None,
+        Path(calls.path),
+        Path(audio_calls.path),
+        Path(datasets.path),
+        limit=limit or None,
         prompts=prompts or None,
-    )  # fmt: skip
+    )
     return json.dumps(summary)
-
-
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def text_datasets(datasets: dsl.Input[Dataset], selected: Output[Dataset]):
-    """The text datasets, when the pipeline trains on transcripts (the other branch of the audio switch)."""
-    import shutil
-
-    shutil.copytree(datasets.path, selected.path, dirs_exist_ok=True)

@@ -1,7 +1,5 @@
 """Evaluation and the gated registration of the serving model."""
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -18,21 +16,19 @@ def evaluate(
     rsft_model: Input[Model],
     lcrl_model: Input[Model],
     compare_stages: bool,
-    min_fraud_accuracy: float,
-    min_well_formed: float,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
     report_md: Output[Markdown],
     details: Output[Dataset],
-) -> NamedTuple("Outputs", passed=bool, summary=str):
-    """TeleAntiFraud metrics, real-time metrics and a report comparing the stages; the quality gate's verdict."""
+) -> str:
+    """TeleAntiFraud metrics, real-time metrics and a report comparing the stages; returns the final model's
+    figures (JSON) for the quality gate."""
     import json
     import shutil
-    from collections import namedtuple
     from pathlib import Path
 
-    from teleguard.pipeline_steps import evaluate_step, quality_gate
+    from teleguard.pipeline_steps import evaluate_step
 
     models = {"final": Path(final_model.path)}
     if compare_stages:
@@ -58,11 +54,21 @@ def evaluate(
         confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
     shutil.copy(Path(details.path) / "report.html", report.path)
     shutil.copy(Path(details.path) / "report.md", report_md.path)
-    passed = quality_gate(final, min_fraud_accuracy, min_well_formed)
-    outputs = namedtuple("Outputs", ["passed", "summary"])
-    return outputs(
-        passed, json.dumps({k: final.get(k) for k in ("fraud", "well_formed_rate")}, default=str)[:2000]
+    return json.dumps(
+        {k: final.get(k) for k in ("fraud", "well_formed_rate", "mean_think_length")}, default=str
     )
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def quality_gate(summary: str, min_fraud_accuracy: float, min_well_formed: float) -> bool:
+    """Whether the final model may be registered: fraud accuracy and well-formed rate at or above thresholds."""
+    import json
+
+    from teleguard.pipeline_steps import quality_gate as passes
+
+    passed = passes(json.loads(summary), min_fraud_accuracy, min_well_formed)
+    print(f"quality gate {'passed' if passed else 'failed'}: {summary}")
+    return passed
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

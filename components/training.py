@@ -11,13 +11,15 @@ from teleguard.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def start_model(recipe: str, recipe_overrides: dict, base_model_uri: str, model: Output[Model]):
+def start_model(
+    recipe: str, recipe_overrides: dict, base_model_uri: str, datasets: Input[Dataset], model: Output[Model]
+):
     """The model the pipeline starts from (the base model URI, or the recipe's tiny model built on the spot)."""
     from pathlib import Path
 
     from teleguard.pipeline_steps import start_model_step
 
-    start_model_step(recipe, recipe_overrides, base_model_uri, Path(model.path))
+    start_model_step(recipe, recipe_overrides, base_model_uri, Path(datasets.path), Path(model.path))
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

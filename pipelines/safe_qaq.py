@@ -9,8 +9,8 @@ manifests/kfp-launcher-minio.yaml). Compile with `teleguard pipeline compile`.
 
 from kfp import dsl, kubernetes
 
-from teleguard.components.data import build_data, synthesize_audio, text_datasets
-from teleguard.components.evaluation import evaluate, register_model
+from teleguard.components.data import build_data, synthesize_audio
+from teleguard.components.evaluation import evaluate, quality_gate, register_model
 from teleguard.components.training import (
     export_model,
     grpo_stage1,
@@ -88,16 +88,19 @@ def safe_qaq(
         ),
         cache=True,
     ).set_display_name("build data")  # fmt: skip
-    with dsl.If(use_audio == True, name="audio"):  # noqa: E712 (a KFP condition, not a Python comparison)
-        audio = on_cpu_pool(
-            synthesize_audio(calls=data.outputs["calls"], limit=audio_calls_limit, prompts=prompts),
-            cache=True,
-        ).set_display_name("synthesize audio")
-    with dsl.Else(name="text"):
-        text = on_cpu_pool(text_datasets(datasets=data.outputs["datasets"]), cache=True)
-    datasets = dsl.OneOf(audio.outputs["audio_datasets"], text.outputs["selected"])
+    audio = on_cpu_pool(
+        synthesize_audio(
+            enabled=use_audio, calls=data.outputs["calls"], text_datasets=data.outputs["datasets"],
+            limit=audio_calls_limit, prompts=prompts,
+        ),
+        cache=True,
+    ).set_display_name("synthesize audio")  # fmt: skip
+    # one component for both modalities: KFP's local runner cannot resolve a dsl.OneOf of two branches
+    datasets = audio.outputs["datasets"]
 
-    base = on_cpu_pool(start_model(base_model_uri=base_model_uri, **recipe_args), cache=True)
+    base = on_cpu_pool(
+        start_model(base_model_uri=base_model_uri, datasets=datasets, **recipe_args), cache=True
+    )
     base.set_display_name("start model")
     sft = gpu(
         warm_start_sft(
@@ -122,14 +125,22 @@ def safe_qaq(
         evaluate(
             datasets=datasets, final_model=exported.outputs["model"], stage1_model=stage1.outputs["model"],
             rsft_model=stage2b.outputs["model"], lcrl_model=stage2c.outputs["model"], compare_stages=compare_stages,
-            min_fraud_accuracy=min_fraud_accuracy, min_well_formed=min_well_formed, **recipe_args,
+            **recipe_args,
         )
     )  # fmt: skip
-    with dsl.If(evaluation.outputs["passed"] == True, name="quality-gate"):  # noqa: E712
+    gate = on_cpu_pool(
+        quality_gate(
+            summary=evaluation.outputs["Output"], min_fraud_accuracy=min_fraud_accuracy,
+            min_well_formed=min_well_formed,
+        ),
+        cache=False,
+    ).set_display_name("quality gate")  # fmt: skip
+    # the gate's single `Output`: KFP's local runner resolves only that form of a task output in a condition
+    with dsl.If(gate.output == True, name="passed"):  # noqa: E712
         on_cpu_pool(
             register_model(
                 model=exported.outputs["model"], registry_uri=registry_uri, model_name=model_name,
-                summary=evaluation.outputs["summary"],
+                summary=evaluation.outputs["Output"],
             ),
             cache=False,
         ).set_display_name("register model")  # fmt: skip

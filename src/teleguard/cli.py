@@ -37,41 +37,6 @@ def _fail(message: str) -> None:
 
 
 @app.command()
-def demo(
-    data: Annotated[Path, typer.Option(help="folder of TeleAntiFraud dialogue JSONL files")] = Path(
-        "../shared/data/teleantifraud-dialogues"
-    ),
-    out: Annotated[Path, typer.Option(help="where the run's files go")] = Path("runs/demo"),
-    calls: Annotated[int, typer.Option(min=2, help="calls to train on")] = 4,
-    steps: Annotated[int, typer.Option(min=1, help="GRPO steps")] = 2,
-) -> None:
-    """Run a short SAFE-QAQ stage-1 GRPO on real transcripts with a tiny model, and show the rewards."""
-    from teleguard.demo import run_demo
-
-    if not data.is_dir():
-        _fail(f"data folder {data} does not exist (pass --data)")
-    with console.status("building a tiny model and running GRPO with the reward plugin..."):
-        summary = run_demo(data, out, calls=calls, steps=steps)
-    console.print(f"GRPO run on {len(summary['calls'])} calls: [bold]{summary['run_dir']}[/bold]")
-    table = Table(
-        "reward", "mean over the trainer's completions", title="stage-1 rewards as the trainer logged them"
-    )
-    for name, value in summary["trainer_reward_means"].items():
-        table.add_row(name, f"{value:.3f}")
-    console.print(table)
-    samples: dict[str, dict[str, float]] = summary["sample_output_rewards"]
-    names = list(next(iter(samples.values())))
-    table = Table(title="every reward on sample outputs for a fraud call (see teleguard.demo)")
-    table.add_column("reward", no_wrap=True)
-    for case in samples:
-        table.add_column(case, justify="right")
-    for name in names:
-        table.add_row(name, *(f"{samples[case][name]:.3f}" for case in samples))
-    console.print(table)
-    console.print(f"summary: {out / 'demo-summary.json'}")
-
-
-@app.command()
 def parse(
     text: Annotated[str, typer.Argument(help="a model output, or - to read it from standard input")],
     round: Annotated[Round | None, typer.Option(help="the round whose answer key to read")] = None,

@@ -2,11 +2,14 @@
 
 - `compile_pipelines(folder)`: the pipeline spec to upload in the Kubeflow UI (`safe_qaq.yaml`) and the same
   pipeline as Kubernetes Pipeline / PipelineVersion resources for GitOps (`safe_qaq.k8s.yaml`).
+- `run_local(arguments, root)`: the whole pipeline with KFP's local runner (the main job on this machine).
+- `submit(host, arguments)`: upload the compiled spec (or a new version of it) and start a run on a cluster.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from teleguard import __version__
@@ -42,31 +45,47 @@ def compile_pipelines(folder: Path) -> list[Path]:
     return [spec, manifest]
 
 
-def local_arguments(recipe: str, data_uri: str, registry_uri: str, **extra: object) -> dict[str, object]:
-    """Pipeline arguments for KFP's local runner: text data, the recipe's own start model, no GPU settings used."""
-    return {
-        "data_uri": data_uri,
-        "base_model_uri": "",
-        "recipe": recipe,
-        "use_audio": False,
-        "registry_uri": registry_uri,
-        **extra,
-    }
-
-
-def run_local(arguments: dict[str, object], pipeline_root: Path) -> object:
+def run_local(arguments: dict[str, object], pipeline_root: Path, upload_uri: str | None = None) -> Path:
     """Run the whole pipeline with KFP's local runner in this Python environment (no Docker, no cluster).
 
-    Kubernetes settings (GPU pool, shm, tolerations) are ignored locally; artifacts land under pipeline_root.
+    Kubernetes settings (GPU pool, shm, tolerations) are ignored locally. Returns the run's folder under
+    pipeline_root, which holds one folder of artifacts per step. KFP's local runner keeps artifacts on local
+    disk only, so `upload_uri` (s3:// or minio://) gets a checksummed copy of the run's folder, as a cluster's
+    pipeline root in MinIO would.
     """
     from kfp import local
 
+    from teleguard.pipeline_arguments import localize
     from teleguard.pipelines.safe_qaq import safe_qaq
 
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.iterdir())
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
     )
-    return safe_qaq(**arguments)
+    safe_qaq(**localize(arguments))
+    [run_dir] = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
+    if upload_uri:
+        from teleguard.storage import put_dir
+
+        put_dir(run_dir, f"{upload_uri.rstrip('/')}/{run_dir.name}")
+    return run_dir
+
+
+def kubeconfig_token(environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token for the KFP API: KF_PIPELINES_TOKEN, else the current kubeconfig context's token."""
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("KF_PIPELINES_TOKEN"):
+        return environ["KF_PIPELINES_TOKEN"]
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(config_file=environ.get("KUBECONFIG"), client_configuration=configuration)
+    except (config.ConfigException, OSError):
+        return None  # no kubeconfig: the API may not need a token (port-forward, in-cluster proxy)
+    auth = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
+    return auth.removeprefix("Bearer ").strip() if auth else None
 
 
 def submit(
@@ -78,35 +97,42 @@ def submit(
     token: str | None = None,
     spec: Path | None = None,
 ) -> str:
-    """Upload the compiled pipeline (a new version if it exists), then start a run in an experiment.
+    """Start a run of the compiled pipeline in an experiment; returns the run id.
 
-    The token comes from the caller or KF_PIPELINES_TOKEN; without one, the kfp client reads the kubeconfig.
-    Returns the run id.
+    The pipeline is uploaded the first time (the server names that first version after the pipeline); after
+    that a version named by the spec's sha256 is added only when no version has that name, so submitting the
+    same spec again reuses it.
     """
+    import hashlib
+
     import kfp
 
     from teleguard.pipelines.safe_qaq import PIPELINE_NAME
 
     spec = spec or COMPILED_DIR / SPEC_FILE
+    version_name = f"{pipeline_version_name()}-{hashlib.sha256(spec.read_bytes()).hexdigest()[:10]}"
     client = kfp.Client(
-        host=host, existing_token=token or os.environ.get("KF_PIPELINES_TOKEN"), namespace=namespace
+        host=host, existing_token=token or kubeconfig_token(), namespace=namespace or "kubeflow"
     )
     pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
-    version = f"{pipeline_version_name()}-{os.urandom(3).hex()}"
+    version_id = None
     if pipeline_id is None:
-        pipeline = client.upload_pipeline(str(spec), pipeline_name=PIPELINE_NAME)
-        pipeline_id = pipeline.pipeline_id
-        versions = client.list_pipeline_versions(pipeline_id).pipeline_versions or []
-        version_id = versions[0].pipeline_version_id
+        pipeline_id = client.upload_pipeline(
+            str(spec), pipeline_name=PIPELINE_NAME, description="teleguard SAFE-QAQ"
+        ).pipeline_id
+        [version] = client.list_pipeline_versions(pipeline_id).pipeline_versions
+        version_id = version.pipeline_version_id
     else:
-        uploaded = client.upload_pipeline_version(
-            str(spec), pipeline_version_name=version, pipeline_id=pipeline_id
-        )
-        version_id = uploaded.pipeline_version_id
+        versions = client.list_pipeline_versions(pipeline_id, page_size=100).pipeline_versions or []
+        version_id = next((v.pipeline_version_id for v in versions if v.display_name == version_name), None)
+    if version_id is None:
+        version_id = client.upload_pipeline_version(
+            str(spec), pipeline_version_name=version_name, pipeline_id=pipeline_id
+        ).pipeline_version_id
     exp = client.create_experiment(experiment, namespace=namespace)
     run = client.run_pipeline(
         experiment_id=exp.experiment_id,
-        job_name=f"{PIPELINE_NAME}-{os.urandom(3).hex()}",
+        job_name=f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
         params=arguments,
         pipeline_id=pipeline_id,
         version_id=version_id,

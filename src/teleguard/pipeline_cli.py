@@ -1,15 +1,22 @@
-"""`teleguard pipeline ...`: compile the SAFE-QAQ pipeline."""
+"""`teleguard pipeline ...`: compile the SAFE-QAQ pipeline, run it locally, submit it to a cluster."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(help="The SAFE-QAQ Kubeflow pipeline.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+CPU_ARGUMENTS = Path("recipes/safe-qaq/pipeline-cpu.yaml")
+ArgsFile = Annotated[Path | None, typer.Option("--args", help="YAML file of pipeline arguments")]
+ArgItems = Annotated[
+    list[str] | None, typer.Option("--arg", help="a pipeline argument, name=value (YAML value); repeatable")
+]
 
 
 @app.command("compile")
@@ -23,10 +30,16 @@ def compile_command(
         console.print(f"wrote {path}")
 
 
-def _arguments(items: list[str]) -> dict[str, object]:
+def arguments_or_exit(args_file: Path | None, items: list[str] | None) -> dict[str, Any]:
+    """The checked pipeline arguments, or exit 2 naming the file (or --arg) and the parameter."""
+    from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments
     from teleguard.train.cli import parse_overrides
 
-    return parse_overrides(items)
+    try:
+        return load_arguments(args_file, parse_overrides(items or []))
+    except PipelineArgumentsError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command("run")
@@ -34,33 +47,38 @@ def run_command(
     local: Annotated[
         bool, typer.Option("--local", help="run with KFP's local runner on this machine")
     ] = False,
-    recipe: Annotated[str, typer.Option(help="recipe file")] = "recipes/safe-qaq/tiny-cpu.yaml",
-    data: Annotated[
-        str, typer.Option(help="call data folder or s3:// URI")
-    ] = "../shared/data/teleantifraud-dialogues",
+    args_file: ArgsFile = CPU_ARGUMENTS,
+    arg: ArgItems = None,
     root: Annotated[Path, typer.Option(help="local pipeline root (artifacts)")] = Path("runs/pipeline"),
-    arg: Annotated[list[str] | None, typer.Option("--arg", help="pipeline argument name=value")] = None,
+    upload: Annotated[
+        str | None, typer.Option(help="s3:// or minio:// prefix that gets a copy of the run's artifacts")
+    ] = None,
 ) -> None:
-    """Run the whole pipeline locally (the main job on a machine without a cluster)."""
-    from teleguard.pipeline import local_arguments, run_local
+    """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it."""
+    from teleguard.pipeline import run_local
+    from teleguard.pipeline_summary import print_summary, summarize_run
 
     if not local:
-        console.print("only --local runs here; use `teleguard pipeline submit --host URL` for a cluster")
+        err_console.print("only --local runs here; `teleguard pipeline submit --host URL` runs on a cluster")
         raise typer.Exit(2)
-    arguments = local_arguments(recipe, data, str(root / "registry"), **_arguments(arg or []))
-    run_local(arguments, root.resolve())
-    console.print(f"pipeline finished; artifacts under {root}")
+    arguments = arguments_or_exit(args_file, arg)
+    run_dir = run_local(arguments, root.resolve(), upload_uri=upload)
+    print_summary(summarize_run(run_dir))
+    if upload:
+        console.print(f"artifacts uploaded to {upload.rstrip('/')}/{run_dir.name}")
 
 
 @app.command("submit")
 def submit_command(
     host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")],
-    arg: Annotated[list[str] | None, typer.Option("--arg", help="pipeline argument name=value")] = None,
+    args_file: ArgsFile = None,
+    arg: ArgItems = None,
     experiment: str = "teleguard",
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
 ) -> None:
-    """Upload the compiled pipeline (or a new version of it) and start a run. Token: KF_PIPELINES_TOKEN."""
+    """Upload the compiled pipeline (or a new version of it) and start a run. Token: KF_PIPELINES_TOKEN,
+    else the kubeconfig's."""
     from teleguard.pipeline import submit
 
-    run_id = submit(host, _arguments(arg or []), experiment=experiment, namespace=namespace)
+    run_id = submit(host, arguments_or_exit(args_file, arg), experiment=experiment, namespace=namespace)
     console.print(f"run {run_id} started in experiment {experiment!r}")

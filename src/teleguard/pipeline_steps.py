@@ -103,14 +103,18 @@ def step_recipe(recipe: str, overrides: dict[str, Any], **paths: str | None) -> 
     return load_recipe(recipe, {**overrides, **{where[k]: v for k, v in paths.items() if v}})
 
 
-def start_model_step(recipe: str, overrides: dict[str, Any], base_model_uri: str, out_model: Path) -> None:
-    """The pipeline's first model: `base_model_uri`, or the recipe's model (a tiny one is built if so configured)."""
+def start_model_step(
+    recipe: str, overrides: dict[str, Any], base_model_uri: str, datasets: Path, out_model: Path
+) -> None:
+    """The pipeline's first model: `base_model_uri`, or the recipe's model (a tiny one is built if so configured,
+    its tokenizer trained on the datasets)."""
     from teleguard.train.stages import Runner
 
     with tempfile.TemporaryDirectory(prefix="teleguard-base-") as tmp:
-        cfg = step_recipe(recipe, overrides, output_dir=tmp, model_path=base_model_uri or None)
+        paths = {"output_dir": tmp, "datasets": str(datasets)}
+        cfg = step_recipe(recipe, overrides, model_path=base_model_uri or None, **paths)
         if cfg.model.build_tiny is not None and not base_model_uri and "://" not in cfg.model.path:
-            cfg = step_recipe(recipe, overrides, output_dir=tmp, model_path=str(Path(tmp) / "base"))
+            cfg = step_recipe(recipe, overrides, model_path=str(Path(tmp) / "base"), **paths)
         copy_tree(Runner(cfg, log=print).start_model(cfg.enabled()[0]), out_model)
 
 

@@ -90,19 +90,40 @@ class RowBuilder:
         self.chain_scene = chain_scene
         self.max_transcript_chars, self.evidence_chars = max_transcript_chars, evidence_chars
 
-    def _question(self, sample: Sample, round_: Round, first: bool) -> str:
+    def question(
+        self,
+        round_: Round,
+        *,
+        first: bool,
+        transcript: str | None = None,
+        clips: int = 0,
+        call_id: str = "",
+    ) -> str:
+        """One round's user message; the first round of a conversation carries the call.
+
+        Public so that real-time serving builds exactly the prompts training used (teleguard.serve.policy).
+        """
         if not first:
             return self.prompts.user_prompt(round_, self.mode, with_call=False)
         if self.modality == "audio":
-            if not sample.clips:
-                raise ValueError(f"call {sample.call_id}: the audio modality needs audio clips")
+            if clips < 1:
+                raise ValueError(f"call {call_id}: the audio modality needs audio clips")
             question = self.prompts.user_prompt(round_, self.mode, audio=True)
             # one <audio> tag per clip: a model of the Qwen2-Audio class holds at most 30 s per clip
-            return "<audio>" * (len(sample.clips) - 1) + question
-        if not sample.call.turns:
-            raise ValueError(f"call {sample.call_id}: the text modality needs a transcript")
-        transcript = sample.call.transcript()[: self.max_transcript_chars]
-        return self.prompts.user_prompt(round_, self.mode, transcript=transcript)
+            return "<audio>" * (clips - 1) + question
+        if not transcript:
+            raise ValueError(f"call {call_id}: the text modality needs a transcript")
+        return self.prompts.user_prompt(round_, self.mode, transcript=transcript[: self.max_transcript_chars])
+
+    def _question(self, sample: Sample, round_: Round, first: bool) -> str:
+        text = first and self.modality == "text" and bool(sample.call.turns)
+        return self.question(
+            round_,
+            first=first,
+            transcript=sample.call.transcript() if text else None,
+            clips=len(sample.clips),
+            call_id=sample.call_id,
+        )
 
     def _answer(self, truth: RoundTruth, sample: Sample) -> str:
         reason = self.prompts.rationale(truth.round, truth.label)
@@ -114,7 +135,8 @@ class RowBuilder:
             think = f"{self.prompts.evidence(caller)}\n{think}" if caller else think
         return format_answer(truth.round, truth.label, stage=sample.stage, reason=reason, think=think)
 
-    def _head(self) -> list[dict[str, str]]:
+    def head(self) -> list[dict[str, str]]:
+        """The messages before the first question: the system prompt, if the builder uses one."""
         return [{"role": "system", "content": self.prompts.system}] if self.system else []
 
     def _extra(self, sample: Sample) -> dict[str, Any]:
@@ -138,7 +160,7 @@ class RowBuilder:
         """One prompt-only row per round; each sees the earlier rounds of its conversation with reference answers."""
         rows = []
         for conversation in self.conversations(sample.call.labels):
-            messages = self._head()
+            messages = self.head()
             for i, truth in enumerate(conversation):
                 messages = [
                     *messages,
@@ -160,7 +182,7 @@ class RowBuilder:
         """Each conversation with an assistant target for every round."""
         rows = []
         for conversation in self.conversations(sample.call.labels):
-            messages = self._head()
+            messages = self.head()
             for i, truth in enumerate(conversation):
                 messages.append({"role": "user", "content": self._question(sample, truth.round, i == 0)})
                 messages.append({"role": "assistant", "content": self._answer(truth, sample)})

@@ -35,7 +35,10 @@ class TinyModelSpec(_Config):
     hidden_size: int = Field(default=64, ge=16, multiple_of=16)
     num_layers: int = Field(default=2, ge=1, le=48)
     vocab_size: int = Field(default=2048, ge=300)
-    corpus: list[str] = Field(default_factory=list, description="text/JSONL files for the tokenizer")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="text/JSONL files (glob patterns) for the tokenizer; relative ones are read in data.datasets",
+    )
     corpus_limit: int | None = Field(default=20_000, ge=1)
     seed: int = 0
 

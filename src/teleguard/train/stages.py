@@ -31,6 +31,15 @@ from teleguard.train.manifest import read_manifest, tree_sha256, write_manifest
 from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, plugin_args, run_swift
 
 TRAIN_DIR, MODEL_DIR = "train", "model"
+# a checkpoint's trainer state: needed to resume a stage, not to start the next one or to serve
+TRAINING_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "global_step*",
+    "rng_*",
+    "training_args.bin",
+    "trainer_state.json",
+)
 WORK_DIR_ENV = "TELEGUARD_WORK_DIR"  # where stages with an s3:// output_dir keep their local copies
 
 
@@ -118,7 +127,9 @@ class Runner:
             from teleguard.tiny_models import build_tiny_model, corpus_from_paths
 
             self.log(f"building a tiny {spec.arch} model at {path}")
-            files = [Path(f) for pattern in spec.corpus for f in sorted(glob.glob(pattern))]
+            # relative patterns name files of the built datasets, so a pipeline step finds them in its artifact
+            patterns = [p if Path(p).is_absolute() else str(self.datasets() / p) for p in spec.corpus]
+            files = [Path(f) for pattern in patterns for f in sorted(glob.glob(pattern))]
             corpus = itertools.islice(corpus_from_paths(files), spec.corpus_limit)
             build_tiny_model(
                 path,
@@ -313,9 +324,7 @@ class Runner:
         if target.exists():
             shutil.rmtree(target)
         if self.recipe.common.tuner_type == "full":
-            shutil.copytree(
-                checkpoint, target, ignore=shutil.ignore_patterns("optimizer.pt", "global_step*", "rng_*")
-            )
+            shutil.copytree(checkpoint, target, ignore=shutil.ignore_patterns(*TRAINING_STATE))
             return target
         run_swift(
             "export",
@@ -408,7 +417,7 @@ class Runner:
         target = folder / MODEL_DIR
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(model, target)
+        shutil.copytree(model, target, ignore=shutil.ignore_patterns(*TRAINING_STATE))
         serving = {"model_type": self.recipe.model.model_type, "template": self.recipe.model.template}
         (target / "teleguard-serving.json").write_text(json.dumps(serving, indent=2) + "\n", "utf-8")
         return {

@@ -1,0 +1,130 @@
+"""A readable summary of a local pipeline run: what each step did, the evaluation figures, where the report is.
+
+It reads what KFP's local runner leaves behind: one folder per step holding the step's artifacts and its
+`executor_output.json` (the step's returned value under `parameterValues.Output`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# the pipeline's steps in the order they run, with what each is for
+STEPS = {
+    "build-data": "ingest, split, build datasets",
+    "synthesize-audio": "call audio (or text passed through)",
+    "start-model": "base model",
+    "warm-start-sft": "warm-start SFT",
+    "grpo-stage1": "stage 1: GRPO",
+    "rejection-sampling": "stage 2a: sampling",
+    "select-shortest-correct": "stage 2a: selection",
+    "rsft": "stage 2b: RSFT",
+    "lcrl": "stage 2c: LCRL",
+    "realtime-grpo": "stage 3: real-time GRPO",
+    "export-model": "serving model",
+    "evaluate": "evaluation",
+    "quality-gate": "quality gate",
+    "register-model": "registration",
+}
+SUMMARY_FILE = "pipeline-summary.json"
+# a training step's metrics (ms-swift's last log line) worth a glance, with their labels
+TRAINING_FIGURES = {
+    "global_step/max_steps": "steps",
+    "train_loss": "loss",
+    "reward": "reward",
+    "completions/mean_length": "completion tokens",
+    "train_runtime": "seconds",
+    "rows": "rows",
+}
+
+
+def step_output(run_dir: Path, step: str) -> Any:
+    """The step's returned value (decoded when it is JSON), or None when the step did not run."""
+    path = run_dir / step / "executor_output.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text("utf-8")).get("parameterValues", {}).get("Output")
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _figures(step: str, out: Any) -> str:
+    """The few figures that tell a reader how the step went."""
+    if not isinstance(out, dict):
+        return "" if out is None else _number(out)
+    if out.get("skipped"):
+        return "switched off: input passed through"
+    if step == "build-data":
+        train = out["rows"].get("train", {})
+        return f"{out['calls']} calls ({out['rejected']} rejected); train rows: " + ", ".join(
+            f"{k.removesuffix('_rows')} {v}" for k, v in train.items()
+        )
+    if step == "select-shortest-correct":
+        return f"kept {out['kept']} of {out['prompts']} prompts (solved rate {out['solved_rate']:.2f})"
+    return ", ".join(f"{label} {_number(out[key])}" for key, label in TRAINING_FIGURES.items() if key in out)
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    """The run's steps, the evaluation of each compared model, the gate's verdict and where things are."""
+    steps = []
+    for step, what in STEPS.items():
+        ran = (run_dir / step).is_dir()
+        out = step_output(run_dir, step)
+        steps.append({"step": step, "what": what, "ran": ran, "figures": _figures(step, out) if ran else ""})
+    metrics_file = run_dir / "evaluate" / "details" / "metrics.json"
+    evaluation = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else {}
+    summary = {
+        "run": str(run_dir),
+        "steps": steps,
+        "evaluation": {
+            model: {
+                "fraud_accuracy": m.get("fraud", {}).get("accuracy"),
+                "fraud_macro_f1": m.get("fraud", {}).get("macro_f1"),
+                "well_formed_rate": m.get("well_formed_rate"),
+                "mean_think_length": m.get("mean_think_length"),
+            }
+            for model, m in evaluation.items()
+        },
+        "gate_passed": step_output(run_dir, "quality-gate"),
+        "registered": step_output(run_dir, "register-model"),
+        "report": str(run_dir / "evaluate" / "details" / "report.md") if evaluation else None,
+        "report_html": str(run_dir / "evaluate" / "report") if evaluation else None,
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    steps = Table(title="SAFE-QAQ pipeline (KFP local runner)", title_justify="left")
+    for column in ("step", "what", "", "figures"):
+        steps.add_column(column, overflow="fold")
+    for s in summary["steps"]:
+        steps.add_row(s["step"], s["what"], "[green]ran[/]" if s["ran"] else "[dim]not run[/]", s["figures"])
+    console.print(steps)
+    if summary["evaluation"]:
+        table = Table(title="evaluation on the held-out split (is it fraud?)", title_justify="left")
+        for column in ("model", "fraud accuracy", "fraud macro F1", "well-formed", "mean think length"):
+            table.add_column(column, justify="right" if column != "model" else "left")
+        for model, m in summary["evaluation"].items():
+            table.add_row(model, *(_number(v) if v is not None else "-" for v in m.values()))
+        console.print(table)
+    verdict = {True: "[green]passed[/]", False: "[red]failed[/]"}.get(summary["gate_passed"], "not reached")
+    console.print(f"quality gate: {verdict}")
+    if summary["registered"]:
+        console.print(f"registered model: {summary['registered']}")
+    if summary["report"]:
+        console.print(f"report: {summary['report']} (HTML: {summary['report_html']})")
+    console.print(f"artifacts of every step: {summary['run']}")

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DATA ?= ../shared/data/teleantifraud-dialogues
-DEB_PACKAGES := espeak-ng
+DEB_PACKAGES := espeak-ng prometheus
 
 # Nothing is ever fetched from a model or data hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -15,11 +15,13 @@ export MODELSCOPE_OFFLINE := 1
 
 setup: system-packages $(STAMP)
 
-# Debian packages: espeak-ng synthesizes call audio offline. Installed only when a command is missing.
+# Debian packages: espeak-ng synthesizes call audio offline; prometheus (with promtool) checks the alert rules
+# and scrapes the detector in tests. Installed only when a command is missing.
 system-packages:
-	@command -v espeak-ng >/dev/null || { \
+	@{ command -v espeak-ng && command -v prometheus && command -v promtool; } >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PACKAGES); }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); }
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "teleguard needs Python >= 3.11")'
@@ -47,12 +49,12 @@ test: setup lint
 	$(BIN)/python -m pytest -q -ra
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench components pipelines
+	$(BIN)/ruff format --check src tests bench components pipelines
 
 format: setup
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench components pipelines
+	$(BIN)/ruff format src tests bench components pipelines
 
 bench: setup
 	$(BIN)/python bench/bench_rewards.py --out docs/bench-rewards.json

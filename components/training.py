@@ -41,17 +41,17 @@ def warm_start_sft(
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def grpo_stage1(
     enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
-    model: Output[Model],
+    num_nodes: int, trainer_image: str, gpu_type: str, gpu_count: int, gpu_node_selector: dict,
+    gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
-    """Stage 1: rule-based GRPO (`swift rlhf --rlhf_type grpo`, adaptive classification + format)."""
-    import json
-    from pathlib import Path
+    """Stage 1: rule-based GRPO (`swift rlhf --rlhf_type grpo`, adaptive classification + format). With num_nodes > 1, a TrainJob on that many GPU nodes."""
+    from teleguard.pipeline_steps import rl_stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "grpo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return rl_stage_step(
+        "grpo", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
+        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+    )  # fmt: skip
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -101,33 +101,33 @@ def rsft(
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def lcrl(
     enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
-    model: Output[Model],
+    num_nodes: int, trainer_image: str, gpu_type: str, gpu_count: int, gpu_node_selector: dict,
+    gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
-    """Stage 2c: length-constrained GRPO (+ think-length penalty)."""
-    import json
-    from pathlib import Path
+    """Stage 2c: length-constrained GRPO (+ think-length penalty). With num_nodes > 1, a TrainJob on that many GPU nodes."""
+    from teleguard.pipeline_steps import rl_stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "lcrl", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return rl_stage_step(
+        "lcrl", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
+        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+    )  # fmt: skip
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def realtime_grpo(
     enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
-    model: Output[Model],
+    num_nodes: int, trainer_image: str, gpu_type: str, gpu_count: int, gpu_node_selector: dict,
+    gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
-    """Stage 3: real-time GRPO on streaming prefixes (+ stage reward)."""
-    import json
-    from pathlib import Path
+    """Stage 3: real-time GRPO on streaming prefixes (+ stage reward). With num_nodes > 1, a TrainJob on that many GPU nodes."""
+    from teleguard.pipeline_steps import rl_stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "realtime", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return rl_stage_step(
+        "realtime", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
+        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+    )  # fmt: skip
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

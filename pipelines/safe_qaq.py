@@ -11,6 +11,7 @@ from kfp import dsl, kubernetes
 
 from teleguard.components.data import build_data, synthesize_audio
 from teleguard.components.evaluation import evaluate, quality_gate, register_model
+from teleguard.components.images import TRAINER_IMAGE
 from teleguard.components.training import (
     export_model,
     grpo_stage1,
@@ -27,6 +28,7 @@ PIPELINE_NAME = "teleguard-safe-qaq"
 SHM_SIZE = "16Gi"  # NCCL and the data loaders need more than the container default of 64 MiB
 GPU_CPU_REQUEST, GPU_MEMORY_REQUEST = "8", "64Gi"
 CPU_CPU_REQUEST, CPU_MEMORY_REQUEST = "2", "8Gi"
+STORAGE_CONFIG_MAP = "teleguard-storage"  # data: endpoint (e.g. http://minio.teleguard.svc:9000)
 
 
 def on_gpu_pool(
@@ -49,6 +51,21 @@ def on_cpu_pool(task: dsl.PipelineTask, cache: bool) -> dsl.PipelineTask:
     return task.set_caching_options(cache)
 
 
+def with_storage(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
+    """S3/MinIO settings for teleguard's own reads and writes (s3:// data, registry, multi-node stages):
+    keys from the Secret the KFP launcher uses too, the endpoint from the teleguard-storage ConfigMap.
+    Both optional, so a pipeline on local or public data runs without them."""
+    keys = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+    kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=STORAGE_CONFIG_MAP,
+        config_map_key_to_env={"endpoint": "S3_ENDPOINT"},
+        optional=True,
+    )
+    return task
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description="SAFE-QAQ: slow-thinking call-fraud detector trained with RL")
 def safe_qaq(
     data_uri: str = "s3://teleguard/data/teleantifraud-dialogues",
@@ -66,6 +83,9 @@ def safe_qaq(
     gpu_count: int = 4,
     gpu_node_selector: dict = {"teleguard.io/node-pool": "gpu"},  # noqa: B006
     gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
+    grpo_num_nodes: int = 1,
+    storage_secret: str = "teleguard-minio",
+    trainer_image: str = TRAINER_IMAGE,
     run_warm_start_sft: bool = False,
     run_stage1_grpo: bool = True,
     run_rsft: bool = True,
@@ -78,17 +98,27 @@ def safe_qaq(
     model_name: str = "teleguard-detector",
 ):
     def gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
-        return on_gpu_pool(task, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations)
+        return with_storage(
+            on_gpu_pool(task, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations), storage_secret
+        )
+
+    def cpu(task: dsl.PipelineTask, cache: bool) -> dsl.PipelineTask:
+        return with_storage(on_cpu_pool(task, cache), storage_secret)
 
     recipe_args = {"recipe": recipe, "recipe_overrides": recipe_overrides}
-    data = on_cpu_pool(
+    # GRPO stages may span several GPU nodes (a TrainJob); the step pod itself still lands on the GPU pool
+    nodes_args = {
+        "num_nodes": grpo_num_nodes, "trainer_image": trainer_image, "gpu_type": gpu_type, "gpu_count": gpu_count,
+        "gpu_node_selector": gpu_node_selector, "gpu_tolerations": gpu_tolerations,
+    }  # fmt: skip
+    data = cpu(
         build_data(
             data_uri=data_uri, source_format=source_format, prompts=prompts, max_transcript_chars=max_transcript_chars,
             evidence_chars=evidence_chars, split_seed=split_seed,
         ),
         cache=True,
     ).set_display_name("build data")  # fmt: skip
-    audio = on_cpu_pool(
+    audio = cpu(
         synthesize_audio(
             enabled=use_audio, calls=data.outputs["calls"], text_datasets=data.outputs["datasets"],
             limit=audio_calls_limit, prompts=prompts,
@@ -98,9 +128,7 @@ def safe_qaq(
     # one component for both modalities: KFP's local runner cannot resolve a dsl.OneOf of two branches
     datasets = audio.outputs["datasets"]
 
-    base = on_cpu_pool(
-        start_model(base_model_uri=base_model_uri, datasets=datasets, **recipe_args), cache=True
-    )
+    base = cpu(start_model(base_model_uri=base_model_uri, datasets=datasets, **recipe_args), cache=True)
     base.set_display_name("start model")
     sft = gpu(
         warm_start_sft(
@@ -108,17 +136,31 @@ def safe_qaq(
         )
     )
     stage1 = gpu(
-        grpo_stage1(enabled=run_stage1_grpo, datasets=datasets, start=sft.outputs["model"], **recipe_args)
+        grpo_stage1(
+            enabled=run_stage1_grpo,
+            datasets=datasets,
+            start=sft.outputs["model"],
+            **nodes_args,
+            **recipe_args,
+        )
     )
     samples = gpu(rejection_sampling(datasets=datasets, policy=stage1.outputs["model"], **recipe_args))
-    selection = on_cpu_pool(select_shortest_correct(samples=samples.outputs["samples"]), cache=False)
+    selection = cpu(select_shortest_correct(samples=samples.outputs["samples"]), cache=False)
     stage2b = gpu(
         rsft(enabled=run_rsft, datasets=datasets, selection=selection.outputs["selection"],
              start=stage1.outputs["model"], **recipe_args)
     )  # fmt: skip
-    stage2c = gpu(lcrl(enabled=run_lcrl, datasets=datasets, start=stage2b.outputs["model"], **recipe_args))
+    stage2c = gpu(
+        lcrl(enabled=run_lcrl, datasets=datasets, start=stage2b.outputs["model"], **nodes_args, **recipe_args)
+    )
     stage3 = gpu(
-        realtime_grpo(enabled=run_realtime, datasets=datasets, start=stage2c.outputs["model"], **recipe_args)
+        realtime_grpo(
+            enabled=run_realtime,
+            datasets=datasets,
+            start=stage2c.outputs["model"],
+            **nodes_args,
+            **recipe_args,
+        )
     )
     exported = gpu(export_model(datasets=datasets, start=stage3.outputs["model"], **recipe_args))
     evaluation = gpu(
@@ -128,7 +170,7 @@ def safe_qaq(
             **recipe_args,
         )
     )  # fmt: skip
-    gate = on_cpu_pool(
+    gate = cpu(
         quality_gate(
             summary=evaluation.outputs["Output"], min_fraud_accuracy=min_fraud_accuracy,
             min_well_formed=min_well_formed,
@@ -137,7 +179,7 @@ def safe_qaq(
     ).set_display_name("quality gate")  # fmt: skip
     # the gate's single `Output`: KFP's local runner resolves only that form of a task output in a condition
     with dsl.If(gate.output == True, name="passed"):  # noqa: E712
-        on_cpu_pool(
+        cpu(
             register_model(
                 model=exported.outputs["model"], registry_uri=registry_uri, model_name=model_name,
                 summary=evaluation.outputs["Output"],

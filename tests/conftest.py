@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from teleguard.data.dataset import build_split
+from teleguard.data.ingest import ingest
 from teleguard.tiny_models import TinyModel, build_tiny_model, corpus_from_paths
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODELSCOPE_OFFLINE")
@@ -83,3 +85,18 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Text datasets of every stage from 24 shared calls (12 fraud, 12 normal), split in half."""
+    files = sorted(TRANSCRIPTS_DIR.glob("*_dialogues-*.jsonl"))
+    if not files:
+        pytest.skip("the shared TeleAntiFraud transcripts are not beside this checkout (../shared/data)")
+    calls, _ = ingest([files[0], files[-1]], "dialogues")
+    fraud = [c for c in calls if c.labels.is_fraud][:12]
+    normal = [c for c in calls if not c.labels.is_fraud][:12]
+    out = tmp_path_factory.mktemp("datasets")
+    for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
+        build_split(part, out / name)
+    return out

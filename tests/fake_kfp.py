@@ -124,9 +124,7 @@ class FakeKfpApi:
 
 def _uploaded_file(body: bytes, content_type: str) -> bytes:
     """The `uploadfile` part of a multipart/form-data body."""
-    message = BytesParser(policy=HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body
-    )
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     for part in message.iter_parts():
         if part.get_param("name", header="content-disposition") == "uploadfile":
             return part.get_payload(decode=True)

@@ -17,7 +17,6 @@ import yaml
 
 from teleguard.contract import format_answer
 from teleguard.data.dataset import build_split
-from teleguard.data.ingest import ingest
 from teleguard.data.records import CallLabels, CallRecord, Turn
 from teleguard.data.splits import SPLITS
 from teleguard.engines import SwiftEngine
@@ -27,27 +26,10 @@ from teleguard.train.manifest import read_manifest
 from teleguard.train.sampling import read_rows, select, write_jsonl
 from teleguard.train.stages import Runner, latest_checkpoint
 
-from .conftest import TRANSCRIPTS_DIR
-
 pytestmark = pytest.mark.slow
 
 QUICK_GRPO = {"learning_rate": 1e-4, "max_steps": 1, "per_device_train_batch_size": 2, "num_generations": 2,
               "max_completion_length": 16, "use_vllm": False, "limit": 8}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Text datasets of every stage from 24 shared calls (12 fraud, 12 normal), split in half."""
-    files = sorted(TRANSCRIPTS_DIR.glob("*_dialogues-*.jsonl"))
-    if not files:
-        pytest.skip("the shared TeleAntiFraud transcripts are not beside this checkout (../shared/data)")
-    calls, _ = ingest([files[0], files[-1]], "dialogues")
-    fraud = [c for c in calls if c.labels.is_fraud][:12]
-    normal = [c for c in calls if not c.labels.is_fraud][:12]
-    out = tmp_path_factory.mktemp("datasets")
-    for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
-        build_split(part, out / name)
-    return out
 
 
 def write_recipe(

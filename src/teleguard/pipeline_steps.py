@@ -8,13 +8,17 @@ whichever stages ran.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teleguard.train.config import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from teleguard.train.trainjob import TrainJobRunner, TrainJobSettings
 
 
 def copy_tree(source: Path, target: Path) -> None:
@@ -147,6 +151,87 @@ def train_stage_step(
             json.dumps(result.manifest, indent=2, default=str), "utf-8"
         )
         return result.manifest.get("metrics", {})
+
+
+def trainjob_stage_step(
+    stage: str,
+    recipe: str,
+    overrides: dict[str, Any],
+    *,
+    datasets_uri: str,
+    start_model_uri: str,
+    output_uri: str,
+    out_model: Path,
+    settings: TrainJobSettings,
+    runner: TrainJobRunner | None = None,
+) -> dict[str, Any]:
+    """Run one stage as a multi-node TrainJob and put the model node 0 uploaded into `out_model`.
+
+    The URIs are the step's artifact URIs: the pipeline root must be in S3/MinIO so every node can read them.
+    """
+    from teleguard.storage import get_dir
+    from teleguard.train.manifest import read_manifest
+    from teleguard.train.trainjob import TrainJobRunner, stage_command, trainjob_manifest
+
+    local = [u for u in (datasets_uri, start_model_uri, output_uri) if "://" not in u]
+    if local:
+        raise ValueError(
+            f"a stage on {settings.num_nodes} nodes reads and writes its artifacts in S3/MinIO, but {local[0]} is "
+            "a local path: set the pipeline root to an s3:// or minio:// URI (manifests/kfp-launcher-minio.yaml)"
+        )
+    output_dir = f"{output_uri.rstrip('/')}-trainjob"
+    step_recipe(
+        recipe, overrides, datasets=datasets_uri, output_dir=output_dir
+    )  # fail here, not on the nodes
+    name = f"teleguard-{stage}-{hashlib.sha256(output_uri.encode()).hexdigest()[:10]}"
+    command = stage_command(
+        stage, recipe, overrides, datasets=datasets_uri, start_model=start_model_uri, output_dir=output_dir
+    )
+    (runner or TrainJobRunner()).run(trainjob_manifest(name, command, settings), settings)
+    with tempfile.TemporaryDirectory(prefix=f"teleguard-{stage}-") as tmp:
+        get_dir(f"{output_dir}/{stage}", tmp)  # verified against the manifest node 0 wrote
+        manifest = read_manifest(Path(tmp))
+        if manifest is None:
+            raise RuntimeError(f"{output_dir}/{stage}: the TrainJob finished without a stage manifest")
+        copy_tree(Path(tmp) / manifest["model"], out_model)
+        (out_model / "stage-manifest.json").write_text(json.dumps(manifest, indent=2, default=str), "utf-8")
+    return {**manifest.get("metrics", {}), "trainjob": name, "nodes": settings.num_nodes}
+
+
+def rl_stage_step(
+    stage: str,
+    enabled: bool,
+    recipe: str,
+    overrides: dict[str, Any],
+    datasets: Any,
+    start: Any,
+    model: Any,
+    *,
+    num_nodes: int,
+    image: str,
+    gpu_type: str,
+    gpus_per_node: int,
+    node_selector: dict[str, str],
+    tolerations: list[dict[str, Any]],
+) -> str:
+    """A GRPO-type stage from a pipeline step (its KFP artifacts in, JSON metrics out): in the step's own pod,
+    or on `num_nodes` GPU nodes through a TrainJob."""
+    if not enabled or num_nodes <= 1:
+        metrics = train_stage_step(
+            stage, enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path)
+        )
+        return json.dumps(metrics, default=str)
+    from teleguard.train.trainjob import TrainJobSettings, current_namespace
+
+    settings = TrainJobSettings(
+        namespace=current_namespace(), image=image, num_nodes=num_nodes, gpu_type=gpu_type,
+        gpus_per_node=gpus_per_node, node_selector=node_selector, tolerations=tolerations,
+    )  # fmt: skip
+    metrics = trainjob_stage_step(
+        stage, recipe, overrides, datasets_uri=datasets.uri, start_model_uri=start.uri, output_uri=model.uri,
+        out_model=Path(model.path), settings=settings,
+    )  # fmt: skip
+    return json.dumps(metrics, default=str)
 
 
 def sample_step(

@@ -74,7 +74,7 @@ class FeedResult:
 
 
 @dataclass(frozen=True)
-class _Snapshot:
+class Snapshot:
     """The call as the model sees it at one evaluation point."""
 
     seq: int
@@ -95,9 +95,8 @@ class DecisionPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     language: Literal["zh", "en"] = "zh"  # built-in prompts; an OpenCall's language overrides it per call
-    prompts_file: str | None = (
-        None  # a prompt file the model was trained with (load_prompts); wins over language
-    )
+    # A prompt file the model was trained with (load_prompts); it wins over `language`.
+    prompts_file: str | None = None
     modality: Literal["auto", "audio", "text"] = "auto"  # auto: the call's hint, else audio once any arrived
     # Training's prompt knobs: set them as the model's training data was built (teleguard data build).
     system: bool = True
@@ -124,6 +123,8 @@ class DecisionPolicy(BaseModel):
             raise ValueError(
                 "chain_scene needs ask_scene='always': the chained is_fraud round follows a scene round"
             )
+        if self.prompts_file is not None:
+            _prompt_set(self.prompts_file)  # a bad prompt file fails when the server starts, not mid-call
         return self
 
     # --- prompts -----------------------------------------------------------------------------------------
@@ -184,10 +185,10 @@ class DecisionPolicy(BaseModel):
             return "audio"
         return None
 
-    def _snapshot(self, session: CallSession, modality: Modality, seq: int) -> _Snapshot:
+    def _snapshot(self, session: CallSession, modality: Modality, seq: int) -> Snapshot:
         session.evaluated_time = session.audio_time
         session.evaluated_segments = session.segments_received
-        return _Snapshot(
+        return Snapshot(
             seq=seq,
             audio_time=session.audio_time,
             modality=modality,
@@ -200,7 +201,7 @@ class DecisionPolicy(BaseModel):
     def _wants_scene(self, session: CallSession) -> bool:
         return self.ask_scene == "always" or (self.ask_scene == "until_known" and session.scene is None)
 
-    def first_messages(self, session: CallSession, snap: _Snapshot, round_: Round) -> list[dict[str, str]]:
+    def first_messages(self, session: CallSession, snap: Snapshot, round_: Round) -> list[dict[str, str]]:
         """A conversation's opening: the system prompt and the round's question carrying the call."""
         builder = self.builder(session, snap.modality)
         question = builder.question(
@@ -209,7 +210,7 @@ class DecisionPolicy(BaseModel):
         return [*builder.head(), {"role": "user", "content": question}]
 
     def follow_up(
-        self, session: CallSession, snap: _Snapshot, history: list[dict[str, str]], answer: str, round_: Round
+        self, session: CallSession, snap: Snapshot, history: list[dict[str, str]], answer: str, round_: Round
     ) -> list[dict[str, str]]:
         """A conversation continued: the model's own answer to the last round, then the next round's question."""
         question = self.builder(session, snap.modality).question(round_, first=False)
@@ -220,7 +221,7 @@ class DecisionPolicy(BaseModel):
         ]
 
     def _request(
-        self, session: CallSession, snap: _Snapshot, round_: Round, messages: list[dict[str, str]]
+        self, session: CallSession, snap: Snapshot, round_: Round, messages: list[dict[str, str]]
     ) -> EngineRequest:
         return EngineRequest(session.call_id, round_, messages, snap.clips, self.max_tokens)
 
@@ -244,19 +245,21 @@ class DecisionPolicy(BaseModel):
         modality = self.modality_for(session)
         if modality is None or session.evaluating or not self.budget_left(session):
             return []
-        marks = session.evaluated_time, session.evaluated_segments
+        marks = session.evaluated_time, session.evaluated_segments, len(session.decisions)
         snap = self._snapshot(session, modality, session.next_seq - 1 if seq is None else seq)
         session.evaluating = True
         try:
             return await self._ask(session, snap, generate)
         except BaseException:
-            # the engine failed: the content counts as not evaluated, so the next chunk tries again
-            session.evaluated_time, session.evaluated_segments = marks
+            # the engine failed before any answer: the content counts as not evaluated, so the next chunk
+            # tries again (after a partial answer it counts as evaluated, to not raise an alert twice)
+            if len(session.decisions) == marks[2]:
+                session.evaluated_time, session.evaluated_segments = marks[:2]
             raise
         finally:
             session.evaluating = False
 
-    async def _ask(self, session: CallSession, snap: _Snapshot, generate: Generate) -> list[Decision]:
+    async def _ask(self, session: CallSession, snap: Snapshot, generate: Generate) -> list[Decision]:
         decisions: list[Decision] = []
         scene = self._wants_scene(session) and self.budget_left(session) >= 2
         if self.chain_scene and scene:
@@ -283,14 +286,14 @@ class DecisionPolicy(BaseModel):
                 decisions.append(self.decide(session, snap, Round.SCENE, answers[1], latency))
         decision = self.decide(session, snap, Round.FRAUD, fraud, latency)
         decisions.append(decision)
+        if decision.alert and not self.keep_monitoring_after_alert:
+            session.stopped = True  # before round 3: an engine failure there must not re-open evaluation
         if decision.alert and session.fraud_type is None and self.budget_left(session) >= 1:
             messages = self.follow_up(session, snap, fraud_messages, fraud.text, Round.FRAUD_TYPE)
             [kind], latency = await self._generate(
                 session, generate, [self._request(session, snap, Round.FRAUD_TYPE, messages)]
             )
             decisions.append(self.decide(session, snap, Round.FRAUD_TYPE, kind, latency))
-        if decision.alert and not self.keep_monitoring_after_alert:
-            session.stopped = True
         return decisions
 
     async def _generate(
@@ -315,7 +318,7 @@ class DecisionPolicy(BaseModel):
     # --- what it means -----------------------------------------------------------------------------------
 
     def decide(
-        self, session: CallSession, snap: _Snapshot, round_: Round, answer: Generation, latency: float
+        self, session: CallSession, snap: Snapshot, round_: Round, answer: Generation, latency: float
     ) -> Decision:
         """Read one answer with the contract's parser, update the call's picture, and record the decision."""
         parsed = parse_output(answer.text, round_)

@@ -42,6 +42,10 @@ def train(
         list[str] | None, typer.Option("--set", help="override a recipe field: stages.grpo.max_steps=2")
     ] = None,
     force: Annotated[bool, typer.Option(help="run again even if the stage already finished")] = False,
+    start_model: Annotated[
+        str | None,
+        typer.Option(help="start this one stage from a model folder or s3:// URI instead of the chain's"),
+    ] = None,
 ) -> None:
     """Run a SAFE-QAQ stage through ms-swift; each stage starts from the previous enabled stage's model."""
     from teleguard.train.stages import Runner
@@ -51,9 +55,15 @@ def train(
     if stage != "all" and stage not in STAGES:
         err_console.print(f"[red]error:[/red] unknown stage {stage!r}; stages: {', '.join(STAGES)}, all")
         raise typer.Exit(2)
+    if start_model and stage == "all":
+        err_console.print("[red]error:[/red] --start-model needs one stage, not all")
+        raise typer.Exit(2)
     runner = Runner(recipe, force=force, log=lambda line: console.print(line, highlight=False))
     try:
-        results = runner.run_all(None if stage == "all" else [stage])
+        if start_model:
+            results = [runner.run(stage, start_model=start_model)]
+        else:
+            results = runner.run_all(None if stage == "all" else [stage])
     except (SwiftError, FileNotFoundError, ValueError) as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None

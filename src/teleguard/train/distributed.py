@@ -64,3 +64,9 @@ def swift_launch_env(environ: Mapping[str, str], gpus_per_node: int | None = Non
     ):
         env["NPROC_PER_NODE"] = nproc
     return env
+
+
+def node_rank(environ: Mapping[str, str]) -> int:
+    """This pod's node rank in a multi-node stage (0 on a single node)."""
+    value = environ.get("PET_NODE_RANK") or environ.get("NODE_RANK") or environ.get("RANK") or "0"
+    return _int("NODE_RANK", value)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from teleguard.train.config import STAGES, GrpoStage, Recipe, RsftStage, SftStage
-from teleguard.train.distributed import swift_launch_env
+from teleguard.train.distributed import node_rank, swift_launch_env
 from teleguard.train.manifest import read_manifest, tree_sha256, write_manifest
 from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, plugin_args, run_swift
 
@@ -159,8 +159,12 @@ class Runner:
         body.update(data=self.recipe.data.model_dump(mode="json"), device=self.recipe.device)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
-    def run(self, stage: str, start_model: Path | None = None) -> StageResult:
-        """Run one stage. `start_model` overrides the chain (a pipeline step passes the previous step's artifact)."""
+    def run(self, stage: str, start_model: Path | str | None = None) -> StageResult:
+        """Run one stage. `start_model` (a folder or URI) overrides the chain: a pipeline step passes the previous
+        step's artifact.
+
+        On the nodes other than the first of a multi-node stage, ms-swift trains but rank 0 writes the
+        checkpoints, so those nodes return once training ends, without a model or manifest."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         if stage not in self.recipe.enabled():
@@ -174,12 +178,15 @@ class Runner:
         if self.force and done:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        start_model = start_model or self.start_model(stage)
+        start_model = self._fetch(str(start_model)) if start_model else self.start_model(stage)
         started = time.monotonic()
         self.log(f"{stage}: starting from {start_model}")
         fields = getattr(
             self, f"_run_{'sft' if stage == 'rsft' else 'grpo' if stage in ('lcrl', 'realtime') else stage}"
         )(stage, start_model, folder)
+        if fields.get("worker_node"):
+            self.log(f"{stage}: training finished on node {fields['worker_node']}; node 0 keeps the model")
+            return StageResult(stage, folder, start_model, fields, skipped=True)
         manifest = {
             "stage": stage,
             "recipe": self.recipe.name,
@@ -273,6 +280,8 @@ class Runner:
             self.log(f"{stage}: training had finished; finishing the stage")
         else:
             resume = self._run_training(command, stage, model, folder, options)
+        if (rank := node_rank(os.environ)) > 0:
+            return {"worker_node": rank}
         checkpoint = latest_checkpoint(train_dir)
         if checkpoint is None:
             raise RuntimeError(f"{stage}: ms-swift finished without a checkpoint in {train_dir}")

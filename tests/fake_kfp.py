@@ -7,19 +7,19 @@ HTTP to it. It implements only the routes submit uses, keeps what it was sent, a
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+
+from .loopback_api import LoopbackApi
 
 API = "/apis/v2beta1"
 
 
-class FakeKfpApi:
+class FakeKfpApi(LoopbackApi):
     def __init__(self, token: str) -> None:
+        super().__init__()
         self.token = token
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.versions: dict[str, list[dict[str, Any]]] = {}
@@ -28,16 +28,13 @@ class FakeKfpApi:
         self.runs: list[dict[str, Any]] = []
         self.uploads = 0
         self.unauthorized = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> FakeKfpApi:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.stop()
 
     # ------------------------------------------------------------------------------------------ model
     def _add_version(self, pipeline_id: str, name: str, spec: bytes) -> dict[str, Any]:
@@ -53,7 +50,17 @@ class FakeKfpApi:
             return True
         return all(item.get(p["key"]) == p.get("stringValue") for p in json.loads(filter_json)["predicates"])
 
-    def route(self, method: str, path: str, query: dict[str, str], body: bytes, content_type: str) -> Any:
+    def route(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> tuple[int, Any]:
+        # healthz stays open so a refused token fails on the first real call, not after the client's five
+        # health-check retries
+        if headers.get("Authorization") != f"Bearer {self.token}" and path != f"{API}/healthz":
+            self.unauthorized += 1
+            return 401, {"error": "missing or wrong bearer token"}
+        return 200, self._answer(method, path, query, body, headers.get("Content-Type", ""))
+
+    def _answer(self, method: str, path: str, query: dict[str, str], body: bytes, content_type: str) -> Any:
         if (method, path) == ("GET", f"{API}/healthz"):
             return {"multi_user": False}
         if (method, path) == ("GET", f"{API}/pipelines"):
@@ -81,45 +88,6 @@ class FakeKfpApi:
             self.runs.append(run)
             return run
         raise KeyError(f"{method} {path}")
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                url = urlparse(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                # healthz stays open so a refused token fails on the first real call, not after the
-                # client's five health-check retries
-                authorized = self.headers.get("Authorization") == f"Bearer {api.token}"
-                if not authorized and url.path != f"{API}/healthz":
-                    api.unauthorized += 1
-                    return self._reply(401, {"error": "missing or wrong bearer token"})
-                try:
-                    result = api.route(method, url.path, query, body, self.headers.get("Content-Type", ""))
-                except KeyError as err:
-                    return self._reply(404, {"error": f"no route {err}"})
-                self._reply(200, result)
-
-            def _reply(self, status: int, payload: Any) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
 
 
 def _uploaded_file(body: bytes, content_type: str) -> bytes:

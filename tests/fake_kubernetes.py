@@ -14,32 +14,29 @@ import shutil
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
-TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs"
+from .loopback_api import LoopbackApi
 
 
-class FakeKubernetes:
+
+class FakeKubernetes(LoopbackApi):
     def __init__(self, secrets: dict[str, dict[str, str]], config_maps: dict[str, dict[str, str]]) -> None:
+        super().__init__()
         self.secrets, self.config_maps = secrets, config_maps
         self.trainjobs: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> FakeKubernetes:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         for thread in self._threads:
             thread.join(timeout=600)
-        self._server.shutdown()
-        self._server.server_close()
+        self.stop()
 
     def api_client(self) -> Any:
         from kubernetes import client
@@ -83,7 +80,9 @@ class FakeKubernetes:
         job["status"] = {"conditions": [condition]}
 
     # ------------------------------------------------------------------------------------------ routes
-    def route(self, method: str, path: str, query: dict[str, str], body: bytes) -> tuple[int, Any]:
+    def route(
+        self, method: str, path: str, query: dict[str, str], body: bytes, headers: Any
+    ) -> tuple[int, Any]:
         parts = path.strip("/").split("/")
         if method == "POST" and path.endswith("/trainjobs"):
             job = json.loads(body)
@@ -105,34 +104,3 @@ class FakeKubernetes:
             name = parts[-2].removesuffix("-node-0-0-x7k2p")
             return 200, self.logs.get(name, "")
         return 404, {"kind": "Status", "reason": "NotFound", "message": f"{method} {path}"}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                url = urlparse(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                try:
-                    status, payload = api.route(method, url.path, query, body)
-                except KeyError as err:
-                    status, payload = 404, {"kind": "Status", "reason": "NotFound", "message": str(err)}
-                text = isinstance(payload, str)
-                data = payload.encode() if text else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if text else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler

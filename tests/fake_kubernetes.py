@@ -20,7 +20,6 @@ from typing import Any
 from .loopback_api import LoopbackApi
 
 
-
 class FakeKubernetes(LoopbackApi):
     def __init__(self, secrets: dict[str, dict[str, str]], config_maps: dict[str, dict[str, str]]) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -60,7 +61,7 @@ class EngineTimeout(EngineFailure):
 
 
 def error_kind(err: BaseException) -> str:
-    """"timeout" or "error": the label engine errors are counted under."""
+    """ "timeout" or "error": the label engine errors are counted under."""
     return "timeout" if isinstance(err, EngineTimeout | TimeoutError) else "error"
 
 
@@ -73,7 +74,9 @@ class EngineConfig(BaseModel):
     # transformers/vllm: a local model folder (the server resolves s3:// and /mnt/models to one first);
     # remote: the model name the endpoint serves.
     model: str | None = None
-    model_type: str | None = None  # ms-swift's model_type / template; read from a tiny model's marker if absent
+    model_type: str | None = (
+        None  # ms-swift's model_type / template; read from a tiny model's marker if absent
+    )
     template: str | None = None
     adapters: tuple[str, ...] = ()
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -92,7 +95,9 @@ class EngineConfig(BaseModel):
     def _consistent(self) -> EngineConfig:
         if self.kind == "remote":
             if not self.url:
-                raise ValueError("a remote engine needs 'url' (the OpenAI-compatible API base, e.g. http://host/v1)")
+                raise ValueError(
+                    "a remote engine needs 'url' (the OpenAI-compatible API base, e.g. http://host/v1)"
+                )
             if not re.match(r"^https?://", self.url):
                 raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
             if not self.model:
@@ -115,7 +120,13 @@ def wav_bytes(clip: np.ndarray) -> bytes:
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(clip, dtype=np.float32), -1.0, 1.0), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    sf.write(
+        buf,
+        np.clip(np.asarray(clip, dtype=np.float32), -1.0, 1.0),
+        SAMPLE_RATE,
+        format="WAV",
+        subtype="PCM_16",
+    )
     return buf.getvalue()
 
 
@@ -131,7 +142,9 @@ def with_timeout(generate: Generate, timeout_s: float) -> Generate:
         except EngineError:
             raise
         except TimeoutError:
-            raise EngineTimeout(f"the engine did not answer {len(requests)} request(s) within {timeout_s:g} s") from None
+            raise EngineTimeout(
+                f"the engine did not answer {len(requests)} request(s) within {timeout_s:g} s"
+            ) from None
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -198,7 +211,9 @@ class MicroBatcher:
                 if timeout <= 0 and queue.empty():
                     break
                 try:
-                    batch.append(queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout))
+                    batch.append(
+                        queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
+                    )
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
             live = [p for p in batch if not p.future.done()]  # a caller that timed out is not asked about
@@ -208,9 +223,13 @@ class MicroBatcher:
             try:
                 answers = await loop.run_in_executor(self._executor, self.batch_fn, [p.request for p in live])
                 if len(answers) != len(live):
-                    raise EngineFailure(f"the engine returned {len(answers)} answers for {len(live)} requests")
+                    raise EngineFailure(
+                        f"the engine returned {len(answers)} answers for {len(live)} requests"
+                    )
             except Exception as err:  # one failed batch fails its callers, not the batcher
-                failure = err if isinstance(err, EngineError) else EngineFailure(f"{type(err).__name__}: {err}")
+                failure = (
+                    err if isinstance(err, EngineError) else EngineFailure(f"{type(err).__name__}: {err}")
+                )
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(failure)
@@ -223,10 +242,8 @@ class MicroBatcher:
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
-            except (asyncio.CancelledError, Exception):
-                pass
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -248,7 +265,9 @@ def _swift_names(config: EngineConfig) -> tuple[str | None, str | None]:
 def _infer_request(request: EngineRequest) -> Any:
     from swift.infer_engine import InferRequest
 
-    return InferRequest(messages=[dict(m) for m in request.messages], audios=[wav_bytes(c) for c in request.audios])
+    return InferRequest(
+        messages=[dict(m) for m in request.messages], audios=[wav_bytes(c) for c in request.audios]
+    )
 
 
 def _generation(response: Any) -> Generation:
@@ -295,7 +314,9 @@ class SwiftServingEngine:
         # usage) and its async entry point, so it talks to the wrapped ms-swift engine.
         self.engine = self.swift._engine
         self.batcher = (
-            MicroBatcher(self._infer_batch, max_batch_size=config.max_batch_size, wait_ms=config.batch_wait_ms)
+            MicroBatcher(
+                self._infer_batch, max_batch_size=config.max_batch_size, wait_ms=config.batch_wait_ms
+            )
             if config.kind == "transformers"
             else None
         )
@@ -313,7 +334,9 @@ class SwiftServingEngine:
             groups.setdefault(self.config.max_tokens_for(r), []).append(i)
         for max_tokens, indices in groups.items():
             responses = self.engine.infer(
-                [_infer_request(requests[i]) for i in indices], self._request_config(max_tokens), use_tqdm=False
+                [_infer_request(requests[i]) for i in indices],
+                self._request_config(max_tokens),
+                use_tqdm=False,
             )
             for i, response in zip(indices, responses, strict=True):
                 if isinstance(response, Exception):
@@ -399,7 +422,9 @@ class RemoteEngine:
         try:
             response = await self.client.post(self.url, json=body)
         except httpx.TimeoutException as err:
-            raise EngineTimeout(f"{self.url}: no answer within {self.config.timeout_s:g} s ({type(err).__name__})") from None
+            raise EngineTimeout(
+                f"{self.url}: no answer within {self.config.timeout_s:g} s ({type(err).__name__})"
+            ) from None
         except httpx.HTTPError as err:
             raise EngineFailure(f"{self.url}: {type(err).__name__}: {err}") from None
         if response.status_code != 200:
@@ -408,7 +433,9 @@ class RemoteEngine:
             data = response.json()
             text = data["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise EngineFailure(f"{self.url}: not a chat-completions answer ({type(err).__name__}: {err})") from None
+            raise EngineFailure(
+                f"{self.url}: not a chat-completions answer ({type(err).__name__}: {err})"
+            ) from None
         tokens = (data.get("usage") or {}).get("completion_tokens")
         return Generation(text, tokens if isinstance(tokens, int) else None)
 

@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# checkov (scans the Helm chart and kustomize overlays) pins older boto3/packaging/networkx than the project:
+# it gets its own virtual environment so it never downgrades .venv; tests run .venv-checkov/bin/checkov.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION := 3.3.30
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 DATA ?= ../shared/data/teleantifraud-dialogues
 DEB_PACKAGES := espeak-ng prometheus
 
@@ -13,7 +18,7 @@ export MODELSCOPE_OFFLINE := 1
 
 .PHONY: setup system-packages demo cpu-recipe test lint format bench clean
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) $(CHECKOV_STAMP)
 
 # Debian packages: espeak-ng synthesizes call audio offline; prometheus (with promtool) checks the alert rules
 # and scrapes the detector in tests. Installed only when a command is missing.
@@ -30,6 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 	# constraints.txt pins torch 2.13.0 (the CPU wheel on a machine without a GPU) and the measured versions.
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]"
 	touch $(STAMP)
+
+$(CHECKOV_STAMP):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $(CHECKOV_STAMP)
 
 # The main job: the whole SAFE-QAQ pipeline with KFP's local runner (tiny model, shared transcripts).
 demo: setup
@@ -60,6 +71,7 @@ bench: setup
 	$(BIN)/python bench/bench_rewards.py --out docs/bench-rewards.json
 	$(BIN)/python bench/bench_data.py --out docs/bench-data.json
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
+	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -205,9 +205,10 @@ class PrometheusServer:
         return float(result[0]["value"][1]) if result else None
 
     def wait_for(
-        self, expr: str, predicate: Callable[[float | None], bool], *, timeout: float = 15.0
+        self, expr: str, predicate: Callable[[float | None], bool], *, timeout: float = 60.0
     ) -> float | None:
-        """Polls `value(expr)` until `predicate` holds; fails with the last value seen."""
+        """Polls `value(expr)` until `predicate` holds; fails with the last value seen. The default wait is
+        generous: on a loaded 2-core machine a scrape can miss its 1 s timeout a few times in a row."""
         deadline = time.monotonic() + timeout
         last: float | None = None
         while True:

@@ -15,7 +15,7 @@ from teleguard.contract import Mode, PromptFileError, Round, load_prompts, parse
 from teleguard.data.cli import app as data_app
 from teleguard.evaluate.cli import evaluate as evaluate_command
 from teleguard.pipeline_cli import app as pipeline_app
-from teleguard.serve.cli import serve_command
+from teleguard.serve.cli import serve_command, stream_command
 from teleguard.train.cli import train as train_command
 
 app = typer.Typer(help="teleguard: train and serve slow-thinking call-fraud detectors.", no_args_is_help=True)
@@ -28,6 +28,7 @@ app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.add_typer(pipeline_app, name="pipeline")
 app.command("serve")(serve_command)
+app.command("stream")(stream_command)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # paths and file:line stay on one line

@@ -53,6 +53,9 @@ def run_command(
     upload: Annotated[
         str | None, typer.Option(help="s3:// or minio:// prefix that gets a copy of the run's artifacts")
     ] = None,
+    serve: Annotated[
+        bool, typer.Option(help="at the end, serve the trained model and replay held-out calls through it")
+    ] = True,
 ) -> None:
     """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it."""
     from teleguard.pipeline import run_local
@@ -63,7 +66,12 @@ def run_command(
         raise typer.Exit(2)
     arguments = arguments_or_exit(args_file, arg)
     run_dir = run_local(arguments, root.resolve(), upload_uri=upload)
-    print_summary(summarize_run(run_dir))
+    summary = summarize_run(run_dir)
+    print_summary(summary)
+    if serve:
+        from teleguard.demo_serving import demo_from_run
+
+        demo_from_run(summary, arguments, console=console)
     if upload:
         console.print(f"artifacts uploaded to {upload.rstrip('/')}/{run_dir.name}")
 

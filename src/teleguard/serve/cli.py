@@ -128,3 +128,143 @@ def serve_command(
         highlight=False,
     )
     asyncio.run(server.serve())
+
+
+# --- teleguard stream ----------------------------------------------------------------------------------------
+
+
+def _label(decision: dict[str, Any]) -> str:
+    round_ = decision.get("round")
+    if round_ == "is_fraud":
+        value = decision.get("is_fraud")
+        return {True: "[red]fraud[/red]", False: "[green]normal[/green]"}.get(value, "[dim]none[/dim]")
+    return str(decision.get("scene" if round_ == "scene" else "fraud_type") or "[dim]none[/dim]")
+
+
+def print_event(console: Console, event: Any, *, verbose: bool = False) -> None:
+    """One replay event as a line: decisions always, acks only when verbose."""
+    if event.kind == "decision":
+        d = event.data
+        confidence = d.get("confidence")
+        alert = " [bold red]ALERT[/bold red]" if d.get("alert") else ""
+        console.print(
+            f"[dim]{event.at:7.2f}s[/dim] chunk {d['seq']:>3}  {d['round']:<10} {_label(d)}{alert}"
+            f"  conf {'-' if confidence is None else f'{confidence:.2f}'}  call audio {d['audio_time']:.1f}s"
+            f"  model {d['latency_s'] * 1000:.0f} ms  client {event.latency_s * 1000:.0f} ms"
+            + (f"  [dim]{d['reason'][:80]}[/dim]" if d.get("reason") else ""),
+            highlight=False,
+        )
+    elif event.kind == "ack" and verbose:
+        rtt = "" if event.latency_s is None else f"  round trip {event.latency_s * 1000:.0f} ms"
+        dup = " (duplicate)" if event.data.get("duplicate") else ""
+        console.print(
+            f"[dim]{event.at:7.2f}s chunk {event.data['seq']:>3} acked{dup}{rtt}[/dim]", highlight=False
+        )
+    elif event.kind == "opened" and verbose:
+        console.print(f"[dim]call {event.data.get('call_id')} opened[/dim]", highlight=False)
+
+
+def verdict_table(result: Any, script: Any) -> Any:
+    """The verdict and the client's timings as a rich table."""
+    from rich.table import Table
+
+    from teleguard.serve.client import percentile
+
+    v = result.verdict
+    table = Table(title=f"verdict for {script.source_id} (call {result.call_id})", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    fraud = "[bold red]FRAUD[/bold red]" if v.get("is_fraud") else "[green]normal[/green]"
+    table.add_row("verdict", fraud + (f" ({v['fraud_type']})" if v.get("fraud_type") else ""))
+    if script.labels is not None:
+        expected = "fraud" if script.labels.is_fraud else "normal"
+        right = bool(v.get("is_fraud")) == script.labels.is_fraud
+        table.add_row(
+            "source label", f"{expected} ({'[green]agrees[/green]' if right else '[red]differs[/red]'})"
+        )
+    for key in ("scene", "confidence", "first_alert_time", "alerts", "decisions", "model_calls", "chunks"):
+        value = v.get(key)
+        table.add_row(
+            key.replace("_", " "),
+            "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value),
+        )
+    table.add_row("call audio", f"{v.get('audio_seconds', 0.0):.1f} s, streamed in {result.wall_s:.1f} s")
+    rtts = [c.round_trip_s for c in result.chunks if c.round_trip_s is not None]
+    lat = [d.latency_s for d in result.decisions]
+    for name, values in (("chunk round trip", rtts), ("decision latency (client)", lat)):
+        if values:
+            p50, p99 = percentile(values, 50), percentile(values, 99)
+            table.add_row(name, f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(values)})")
+    if v.get("reason"):
+        table.add_row("reason", str(v["reason"]))
+    return table
+
+
+def stream_command(
+    call: Annotated[
+        Path,
+        typer.Argument(
+            help="an audio file (WAV/MP3/FLAC), a teleguard calls JSONL or a TeleAntiFraud dialogue file"
+        ),
+    ],
+    url: Annotated[
+        str, typer.Option(help="the detector, e.g. http://127.0.0.1:8080")
+    ] = "http://127.0.0.1:8080",
+    speed: Annotated[
+        float, typer.Option(min=0, help="1: real time; X: X times faster; 0: as fast as possible")
+    ] = 1.0,
+    http: Annotated[
+        bool, typer.Option("--http", help="use the REST call routes instead of the WebSocket")
+    ] = False,
+    index: Annotated[
+        int | None, typer.Option(help="which call of a transcript file (0-based; default 0)")
+    ] = None,
+    call_id: Annotated[
+        str | None, typer.Option("--call-id", help="which call of a transcript file, by call id (or tts_id)")
+    ] = None,
+    server_call_id: Annotated[
+        str | None, typer.Option(help="the id to open the call with on the server (default: generated)")
+    ] = None,
+    chunk_seconds: Annotated[float, typer.Option(min=0.05, help="audio: seconds of audio per chunk")] = 1.0,
+    language: Annotated[str | None, typer.Option(help="prompt language for the call: zh or en")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for any one answer")] = 120.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also print every ack")] = False,
+) -> None:
+    """Replay a call against a running detector in real time (or faster) and print its decisions and verdict."""
+    from teleguard.serve.client import CallSourceError, StreamError, load_call, replay_call
+
+    console = Console(highlight=False, soft_wrap=True)  # a decision stays on one line
+    if language not in (None, "zh", "en"):
+        _fail(f"--language is zh or en, not {language!r}")
+    try:
+        script = load_call(
+            call,
+            index=index,
+            call_id=call_id,
+            chunk_seconds=chunk_seconds,
+            language=language,  # type: ignore[arg-type]
+        )
+    except CallSourceError as err:
+        _fail(str(err))
+    transport = "http" if http else "ws"
+    console.print(
+        f"streaming {script.kind} {script.source_id} ({len(script.chunks)} chunks, {script.duration:.1f} s of call)"
+        f" to {url} over {'HTTP' if http else 'WebSocket'}"
+        + (" as fast as possible" if speed == 0 else f" at {speed:g}x"),
+    )
+    try:
+        result = asyncio.run(
+            replay_call(
+                url,
+                script,
+                speed=speed,
+                transport=transport,
+                call_id=server_call_id,
+                timeout=timeout,
+                on_event=lambda event: print_event(console, event, verbose=verbose),
+            )
+        )
+    except StreamError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(verdict_table(result, script))

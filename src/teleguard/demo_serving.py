@@ -1,0 +1,373 @@
+"""The main job's last step: serve the model the pipeline trained and replay held-out calls through it, live.
+
+`teleguard pipeline run --local` ends here (unless `--no-serve`): `teleguard serve` starts as a subprocess on a
+free loopback port with the registered model (or, when the quality gate failed, the export step's model, and
+it says so) and the prompts the model was trained with; once it is ready, a few held-out test calls (2 fraud,
+2 normal by default, from the build-data step's `calls/test/calls.jsonl`) are streamed to it at once as
+transcripts over the WebSocket, many times faster than real time, with `teleguard.serve.client`. Every decision
+is printed as it arrives, then a table of the verdicts against the calls' labels and the server's fraud-rate
+counters from /metrics; the server is stopped with SIGTERM (it drains) and its log is kept beside the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from teleguard.data.records import CallRecord
+from teleguard.serve.client import ReplayEvent, ReplayResult, percentile, replay_call, transcript_script
+
+DEMO_DIR = "serve-demo"  # inside the run folder: the server's configuration and log
+READY_TIMEOUT_S = 120.0
+
+
+def pick_calls(calls: Sequence[CallRecord], *, fraud: int = 2, normal: int = 2) -> list[CallRecord]:
+    """The first `fraud` fraud and `normal` normal calls that have a transcript (deterministic)."""
+    with_turns = [c for c in calls if c.turns]
+    chosen = [c for c in with_turns if c.labels.is_fraud][:fraud] + [
+        c for c in with_turns if not c.labels.is_fraud
+    ][:normal]
+    return chosen
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_config(
+    model: Path,
+    port: int,
+    *,
+    prompts_file: str | None = None,
+    max_transcript_chars: int | None = None,
+    every_seconds: float = 15.0,
+    max_tokens: int = 320,
+) -> dict[str, Any]:
+    """`teleguard serve --config` for the demo: the model's own prompts, an evaluation every `every_seconds` of
+    call time (and at the close), answers of at most `max_tokens`."""
+    policy: dict[str, Any] = {
+        "every_seconds": every_seconds,
+        "on_turn": False,
+        "min_turns": 2,
+        "max_tokens": max_tokens,
+    }
+    if prompts_file:
+        policy["prompts_file"] = str(Path(prompts_file).resolve())
+    if max_transcript_chars:
+        policy["max_transcript_chars"] = max_transcript_chars
+    return {
+        "name": "teleguard",
+        "model": str(model),
+        "host": "127.0.0.1",
+        "port": port,
+        "engine": {"kind": "transformers", "device": "cpu", "max_tokens": max_tokens, "timeout_s": 120},
+        "policy": policy,
+        "detector": {"engine_timeout_s": 120, "drain_seconds": 10},
+        "grace_seconds": 5,
+    }
+
+
+class ServerProcess:
+    """`teleguard serve --config FILE` as a subprocess; output goes to `log`."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_file = workdir / "serve.json"  # JSON is YAML: teleguard serve --config reads it
+        self.config_file.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+        self.log = workdir / "server.log"
+        self.url = f"http://127.0.0.1:{config['port']}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        command = [sys.executable, "-m", "teleguard.cli", "serve", "--config", str(self.config_file)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self.log.is_file():
+            return ""
+        return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        """Seconds until /v2/health/ready answered 200; RuntimeError if the server died or took too long."""
+        assert self.process is not None
+        started = time.monotonic()
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"teleguard serve exited with code {self.process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    if http.get(f"{self.url}/v2/health/ready").status_code == 200:
+                        return time.monotonic() - started
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise RuntimeError(
+                        f"teleguard serve was not ready after {timeout:g} s:\n{self.log_tail()}"
+                    )
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the server drains), SIGKILL after `timeout`; the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+
+@contextmanager
+def serving(config: dict[str, Any], workdir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(config, workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def metric_counters(url: str) -> dict[str, float]:
+    """teleguard_calls_completed_total by verdict and a few totals, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "teleguard_calls_completed_total":
+                key = f"calls_completed{{verdict={sample.labels['verdict']}}}"
+                out[key] = out.get(key, 0.0) + sample.value
+            elif sample.name in (
+                "teleguard_chunks_total",
+                "teleguard_decisions_total",
+                "teleguard_model_calls_total",
+                "teleguard_alerts_total",
+            ):  # summed: alerts_total and decisions_total have labels
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    done = sum(v for k, v in out.items() if k.startswith("calls_completed{"))
+    out["fraud_rate"] = out.get("calls_completed{verdict=fraud}", 0.0) / done if done else 0.0
+    return out
+
+
+def _short(call_id: str) -> str:
+    """A dialogue's id without its file ("normal_dialogues-2025.../tts_fraud_02076" -> "tts_fraud_02076")."""
+    return call_id.rpartition("/")[2][:24]
+
+
+def _decision_line(console: Console, source: dict[str, str], event: ReplayEvent) -> None:
+    if event.kind != "decision":
+        return
+    d = event.data
+    round_ = d["round"]
+    value = {True: "[red]fraud[/red]", False: "[green]normal[/green]"}.get(
+        d.get("is_fraud"), "[dim]none[/dim]"
+    )
+    if round_ != "is_fraud":
+        value = str(d.get("scene" if round_ == "scene" else "fraud_type") or "[dim]none[/dim]")
+    confidence = d.get("confidence")
+    console.print(
+        f"[dim]{event.at:6.2f}s[/dim] {_short(source.get(d['call_id'], d['call_id'])):<24} "
+        f"{d['audio_time']:6.1f}s of call  {round_:<10} {value}"
+        f"{' [bold red]ALERT[/bold red]' if d.get('alert') else ''}"
+        f"  conf {'-' if confidence is None else f'{confidence:.2f}'}  {event.latency_s * 1000:.0f} ms",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+async def replay_calls(
+    url: str, calls: Sequence[CallRecord], *, speed: float, console: Console
+) -> list[ReplayResult]:
+    """Every call at once over its own WebSocket; decisions are printed as they arrive."""
+    source: dict[str, str] = {}
+    jobs = []
+    for i, call in enumerate(calls):
+        call_id = f"demo-{i}-{'fraud' if call.labels.is_fraud else 'normal'}"
+        source[call_id] = call.call_id
+        jobs.append(
+            replay_call(
+                url,
+                transcript_script(call),
+                speed=speed,
+                call_id=call_id,
+                timeout=120,
+                on_event=lambda event: _decision_line(console, source, event),
+            )
+        )
+    return list(await asyncio.gather(*jobs))
+
+
+def verdicts_table(calls: Sequence[CallRecord], results: Sequence[ReplayResult]) -> Table:
+    table = Table(title="live decisions on held-out calls (teleguard serve)", title_justify="left")
+    for column in ("call", "label", "verdict", "alert at", "decisions", "call audio", "latency p50"):
+        table.add_column(
+            column, justify="left" if column in ("call", "label", "verdict") else "right", no_wrap=True
+        )
+    for call, r in zip(calls, results, strict=True):
+        v = r.verdict
+        answered = any(
+            d.decision["round"] == "is_fraud" and d.decision["is_fraud"] is not None for d in r.decisions
+        )
+        verdict = (
+            "[red]fraud[/red]" if v["is_fraud"] else "[green]normal[/green]" if answered else "undecided"
+        )
+        if v.get("fraud_type"):
+            verdict += f" ({v['fraud_type']})"
+        ok = bool(v["is_fraud"]) == call.labels.is_fraud and (answered or v["is_fraud"])
+        label = ("fraud" if call.labels.is_fraud else "normal") + (
+            " [green]✓[/green]" if ok else " [red]✗[/red]"
+        )
+        first = v.get("first_alert_time")
+        p50 = percentile([d.latency_s for d in r.decisions], 50)
+        table.add_row(
+            _short(call.call_id),
+            label,
+            verdict,
+            "-" if first is None else f"{first:.1f} s",
+            str(v["decisions"]),
+            f"{v['audio_seconds']:.1f} s",
+            "-" if p50 is None else f"{p50 * 1000:.0f} ms",
+        )
+    return table
+
+
+def run_demo(
+    model: Path,
+    calls: Sequence[CallRecord],
+    workdir: Path,
+    *,
+    prompts_file: str | None = None,
+    max_transcript_chars: int | None = None,
+    speed: float = 20.0,
+    every_seconds: float = 15.0,
+    max_tokens: int = 320,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Serve `model`, replay `calls` through it, print what happens; returns the figures (also as JSON in
+    `workdir/serve-demo.json`)."""
+    console = console or Console()
+    config = serve_config(
+        model,
+        free_port(),
+        prompts_file=prompts_file,
+        max_transcript_chars=max_transcript_chars,
+        every_seconds=every_seconds,
+        max_tokens=max_tokens,
+    )
+    started = time.monotonic()
+    with serving(config, workdir) as server:
+        console.print(f"serving {model} on {server.url} (teleguard serve, transformers engine on CPU) ...")
+        ready_s = server.wait_ready()
+        console.print(
+            f"ready after {ready_s:.1f} s; streaming {len(calls)} held-out calls as transcripts over the WebSocket "
+            f"at {speed:g}x real time"
+        )
+        results = asyncio.run(replay_calls(server.url, calls, speed=speed, console=console))
+        counters = metric_counters(server.url)
+    exit_code = server.process.returncode if server.process else None
+    console.print(verdicts_table(calls, results))
+    completed = {k: int(v) for k, v in counters.items() if k.startswith("calls_completed")}
+    console.print(
+        "server /metrics: "
+        + ", ".join(
+            f"{k.removeprefix('teleguard_')} {int(v)}"
+            for k, v in counters.items()
+            if k.startswith("teleguard_")
+        )
+        + ", calls_completed_total "
+        + " ".join(f"{k.split('=')[1].rstrip('}')}={v}" for k, v in completed.items())
+        + f"; fraud rate {counters['fraud_rate']:.2f}",
+        highlight=False,
+    )
+    summary = {
+        "model": str(model),
+        "url": server.url,
+        "ready_s": round(ready_s, 2),
+        "wall_s": round(time.monotonic() - started, 2),
+        "server_exit_code": exit_code,
+        "calls": [
+            {
+                "call_id": call.call_id,
+                "label": "fraud" if call.labels.is_fraud else "normal",
+                "verdict": r.verdict,
+                "decisions": len(r.decisions),
+                "decision_latency_p50_s": percentile([d.latency_s for d in r.decisions], 50),
+            }
+            for call, r in zip(calls, results, strict=True)
+        ],
+        "metrics": counters,
+        "log": str(server.log),
+    }
+    (workdir / "serve-demo.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", "utf-8"
+    )
+    console.print(
+        # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15 is a clean stop
+        f"server drained and stopped (SIGTERM, exit code {exit_code}); demo took {summary['wall_s']:.0f} s; "
+        f"log: {server.log}",
+        highlight=False,
+    )
+    return summary
+
+
+def demo_from_run(
+    summary: dict[str, Any], arguments: dict[str, Any], *, console: Console | None = None, calls: int = 4
+) -> dict[str, Any] | None:
+    """The demo after a local pipeline run: the registered model (or the exported one when the gate failed)
+    and held-out calls from the build-data step. Returns None (saying why) when either is missing."""
+    from teleguard.data.dataset import read_calls
+
+    console = console or Console()
+    run_dir = Path(summary["run"])
+    model: Path | None = None
+    if summary.get("registered"):
+        model = Path(summary["registered"])
+    else:
+        exported = run_dir / "export-model" / "model"
+        if exported.is_dir():
+            model = exported
+            console.print(
+                "[yellow]the quality gate did not pass, so nothing was registered: serving the export step's "
+                f"model instead[/yellow] ({exported})"
+            )
+    test_calls = run_dir / "build-data" / "calls" / "test" / "calls.jsonl"
+    if model is None or not (model / "config.json").is_file():
+        console.print(
+            "[yellow]no model to serve (the export step did not run): skipping the serving demo[/yellow]"
+        )
+        return None
+    if not test_calls.is_file():
+        console.print(f"[yellow]no held-out calls at {test_calls}: skipping the serving demo[/yellow]")
+        return None
+    chosen = pick_calls(read_calls(test_calls), fraud=calls // 2, normal=calls - calls // 2)
+    return run_demo(
+        model,
+        chosen,
+        run_dir / DEMO_DIR,
+        prompts_file=arguments.get("prompts") or None,
+        max_transcript_chars=arguments.get("max_transcript_chars") or None,
+        console=console,
+    )

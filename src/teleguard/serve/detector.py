@@ -39,7 +39,14 @@ from teleguard.serve.chunks import ChunkLimits, decode_chunk, parse_chunk
 from teleguard.serve.engine import EngineFailure, EngineTimeout, close_engine, error_kind
 from teleguard.serve.metrics import DetectorMetrics, default_metrics
 from teleguard.serve.metrics import Verdict as VerdictKind
-from teleguard.serve.policy import DecisionPolicy, EngineError, EngineRequest, Generate, Generation
+from teleguard.serve.policy import (
+    DecisionPolicy,
+    EngineError,
+    EngineRequest,
+    Generate,
+    Generation,
+    as_generations,
+)
 from teleguard.serve.protocol import (
     SAMPLE_RATE,
     Chunk,
@@ -275,19 +282,12 @@ class Detector:
             self.metrics.model_call()
             self.metrics.engine_error(error_kind(err))
             raise err from None
-        out: list[Generation] = []
-        for answer in answers:
-            if isinstance(answer, str):
-                out.append(Generation(answer))
-            elif isinstance(answer, Generation):
-                out.append(answer)
-            else:
-                out = []
-                break
-        if len(out) != len(requests):
+        try:
+            out = as_generations(answers, len(requests))
+        except EngineError as err:
             self.metrics.model_call()
             self.metrics.engine_error("error")
-            raise EngineFailure(f"the engine returned {len(answers)} answers for {len(requests)} requests")
+            raise EngineFailure(str(err)) from None
         self.metrics.model_call(sum(a.tokens or 0 for a in out))
         return out
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,6 +62,21 @@ Generate = Callable[[Sequence[EngineRequest]], Awaitable[Sequence[str | Generati
 
 class EngineError(RuntimeError):
     """The engine answered something other than one text per request."""
+
+
+def as_generations(answers: Sequence[Any], expected: int) -> list[Generation]:
+    """An engine's answers as Generations, one per request; EngineError when the count or a type is wrong."""
+    if len(answers) != expected:
+        raise EngineError(f"the engine returned {len(answers)} answers for {expected} requests")
+    out = []
+    for answer in answers:
+        if isinstance(answer, str):
+            out.append(Generation(answer))
+        elif isinstance(answer, Generation):
+            out.append(answer)
+        else:
+            raise EngineError(f"the engine returned a {type(answer).__name__}, not str or Generation")
+    return out
 
 
 @dataclass(frozen=True)
@@ -302,18 +317,7 @@ class DecisionPolicy(BaseModel):
         session.model_calls += len(requests)
         start = time.perf_counter()
         answers = list(await generate(requests))
-        latency = time.perf_counter() - start
-        if len(answers) != len(requests):
-            raise EngineError(f"the engine returned {len(answers)} answers for {len(requests)} requests")
-        out = []
-        for answer in answers:
-            if isinstance(answer, str):
-                out.append(Generation(answer))
-            elif isinstance(answer, Generation):
-                out.append(answer)
-            else:
-                raise EngineError(f"the engine returned a {type(answer).__name__}, not str or Generation")
-        return out, latency
+        return as_generations(answers, len(requests)), time.perf_counter() - start
 
     # --- what it means -----------------------------------------------------------------------------------
 

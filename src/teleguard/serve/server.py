@@ -366,14 +366,19 @@ class _ReadyDataPlane(DataPlane):
 
 
 class _CombinedRegistry:
-    """The default registry (KServe's metrics) and a detector's own, served together on /metrics."""
+    """The default registry (KServe's metrics) and a detector's own, served together on /metrics.
 
-    def __init__(self, *registries: Any) -> None:
-        self.registries = registries
+    Families the detector's registry has are left out of the default one: another detector in the same process
+    (tests) may have registered teleguard metrics there, and a scrape holding a family twice is refused."""
+
+    def __init__(self, default: Any, own: Any) -> None:
+        self.default, self.own = default, own
 
     def collect(self) -> Any:
-        for registry in self.registries:
-            yield from registry.collect()
+        own = list(self.own.collect())
+        names = {family.name for family in own}
+        yield from own
+        yield from (family for family in self.default.collect() if family.name not in names)
 
 
 def _json_body_limit(request: Request, limit: int) -> RequestError | None:

@@ -208,7 +208,7 @@ class PrometheusServer:
         self, expr: str, predicate: Callable[[float | None], bool], *, timeout: float = 60.0
     ) -> float | None:
         """Polls `value(expr)` until `predicate` holds; fails with the last value seen. The default wait is
-        generous: on a loaded 2-core machine a scrape can miss its 1 s timeout a few times in a row."""
+        generous for a slow machine; a wait that succeeds returns as soon as the value holds."""
         deadline = time.monotonic() + timeout
         last: float | None = None
         while True:

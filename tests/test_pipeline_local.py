@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from teleguard.pipeline import run_local
 from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments
-from teleguard.pipeline_summary import STEPS, summarize_run
+from teleguard.pipeline_summary import STEPS, step_output, summarize_run
 
 from .conftest import TRANSCRIPTS_DIR
 
@@ -78,8 +78,7 @@ def test_every_stage_leaves_its_artifacts(full_run: Path) -> None:
         model = _artifact(full_run, step, "model")
         assert (model / "config.json").is_file() and (model / "model.safetensors").is_file(), step
         assert not (model / "optimizer.pt").exists(), f"{step}: trainer state copied into the model"
-    kept = json.loads((full_run / "select-shortest-correct" / "executor_output.json").read_text())
-    kept = json.loads(kept["parameterValues"]["Output"])["kept"]
+    kept = step_output(full_run, "select-shortest-correct")["kept"]
     for step in TRAINING_STEPS[:-1]:  # every stage ran as a stage: none was switched off
         manifest = json.loads((_artifact(full_run, step, "model") / "stage-manifest.json").read_text("utf-8"))
         assert manifest["config_hash"] and manifest["config"]["enabled"], step

@@ -209,16 +209,23 @@ def stream_ws_call(
 # --------------------------------------------------------------------------------- tiny models, end to end
 
 
-@pytest.fixture(scope="module")
-def text_server(tiny_text_model: TinyModel) -> Iterator[DetectorServer]:
+@contextmanager
+def tiny_text_server(model: TinyModel, batch_wait_ms: int) -> Iterator[DetectorServer]:
+    """A server on a tiny text model that evaluates every turn, with its own metrics registry."""
     config = ServeConfig(
-        model=str(tiny_text_model.path),
+        model=str(model.path),
         port=0,
-        engine=EngineConfig(kind="transformers", device="cpu", max_tokens=8, batch_wait_ms=20),
+        engine=EngineConfig(kind="transformers", device="cpu", max_tokens=8, batch_wait_ms=batch_wait_ms),
         policy=DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="until_known", max_tokens=8),
         detector=DetectorConfig(engine_timeout_s=60.0),
     )
     with running(build_server(config, metrics=DetectorMetrics(CollectorRegistry()))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def text_server(tiny_text_model: TinyModel) -> Iterator[DetectorServer]:
+    with tiny_text_server(tiny_text_model, batch_wait_ms=20) as server:
         yield server
 
 

@@ -35,7 +35,7 @@ from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.server import DetectorServer, ServeConfig, build_server
 from teleguard.tiny_models import TinyModel
 
-from .test_serve_e2e import TURNS, running
+from .test_serve_e2e import TURNS, running, tiny_text_server
 
 runner = CliRunner()
 
@@ -51,14 +51,7 @@ def record(call_id: str = "calls/fraud-7", turns: int = 4) -> CallRecord:
 
 @pytest.fixture(scope="module")
 def text_server(tiny_text_model: TinyModel) -> Iterator[DetectorServer]:
-    config = ServeConfig(
-        model=str(tiny_text_model.path),
-        port=0,
-        engine=EngineConfig(kind="transformers", device="cpu", max_tokens=8, batch_wait_ms=5),
-        policy=DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="until_known", max_tokens=8),
-        detector=DetectorConfig(engine_timeout_s=60.0),
-    )
-    with running(build_server(config, metrics=DetectorMetrics(CollectorRegistry()))) as server:
+    with tiny_text_server(tiny_text_model, batch_wait_ms=5) as server:
         yield server
 
 

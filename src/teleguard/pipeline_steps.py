@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from teleguard.train.trainjob import TrainJobRunner, TrainJobSettings
 
 
+# Calls per evaluation set in the pipeline: few, as every compared model is evaluated on every set, on CPU too.
+PIPELINE_EVAL_SET_SIZE = 32
+
+
 def copy_tree(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target, dirs_exist_ok=True)
@@ -50,9 +54,13 @@ def build_data_step(
     max_transcript_chars: int | None = None,
     evidence_chars: int | None = None,
     split_seed: int = 0,
+    eval_sets: list[str] | None = None,
+    eval_set_size: int = PIPELINE_EVAL_SET_SIZE,
 ) -> dict[str, Any]:
-    """Ingest (bad rows skipped and counted), split by call, and build every stage's text datasets."""
+    """Ingest (bad rows skipped and counted), split by call, and build every stage's text datasets, with the
+    evaluation sets `eval_sets` (None: all) of up to `eval_set_size` calls (few: evaluation runs on CPU too)."""
     from teleguard.data.dataset import build_datasets, write_calls
+    from teleguard.data.eval_sets import EVAL_SETS_DIR
     from teleguard.data.ingest import ingest
     from teleguard.data.splits import SplitSpec, split_calls
     from teleguard.data.timing import estimate_times
@@ -67,18 +75,24 @@ def build_data_step(
         prompts=prompts,
         max_transcript_chars=max_transcript_chars,
         evidence_chars=evidence_chars,
+        eval_sets=eval_sets,
+        eval_set_size=eval_set_size,
     )
+    index_file = out_datasets / EVAL_SETS_DIR / "card.json"
+    index = json.loads(index_file.read_text("utf-8")) if index_file.is_file() else {}
     return {
         "calls": len(calls),
         "rejected": len(report.rejected),
         "rows": {k: v["rows"] for k, v in cards.items()},
+        "eval_sets": index.get("built", {}),
     }
 
 
 def synthesize_audio_step(
     calls: Path, out_calls: Path, out_datasets: Path, *, limit: int | None = None, prompts: str | None = None
 ) -> dict[str, Any]:
-    """Synthesize audio for (the first `limit` calls of) each split and build the audio datasets."""
+    """Synthesize audio for (the first `limit` calls of) each split and build the audio datasets (with the
+    evaluation sets that keep their audio: gold, very_short)."""
     from teleguard.data.audio import synthesize_call
     from teleguard.data.audio_clips import ClipWriter
     from teleguard.data.dataset import CALLS_FILE, build_datasets, read_calls, write_calls
@@ -96,8 +110,9 @@ def synthesize_audio_step(
         write_calls(folder, voiced, title=f"{name} split with audio")
         counts[name] = len(voiced)
     cards = build_datasets(
-        out_calls, out_datasets, modality="audio", prompts=prompts, clip_maker=ClipWriter(out_datasets)
-    )
+        out_calls, out_datasets, modality="audio", prompts=prompts, clip_maker=ClipWriter(out_datasets),
+        eval_set_size=PIPELINE_EVAL_SET_SIZE,
+    )  # fmt: skip
     return {"calls": counts, "rows": {k: v["rows"] for k, v in cards.items()}}
 
 
@@ -267,9 +282,10 @@ def select_step(samples: Path, out_selection: Path) -> dict[str, Any]:
 def evaluate_step(
     recipe: str, overrides: dict[str, Any], datasets: Path, models: dict[str, Path], out_report: Path
 ) -> dict[str, dict[str, Any]]:
-    """Greedy predictions of each model on the held-out split; metrics and a report comparing them."""
+    """Greedy predictions of each model on the held-out split and on the evaluation sets built beside it;
+    metrics and a report comparing them."""
     from teleguard.engines import recipe_engine
-    from teleguard.evaluate.run import evaluate_models, read_eval_rows
+    from teleguard.evaluate.run import evaluate_models, read_eval_rows, read_eval_sets
 
     cfg = step_recipe(recipe, overrides, datasets=str(datasets))
     e = cfg.evaluate
@@ -278,9 +294,10 @@ def evaluate_step(
         for name, path in models.items()
     }
     rows = read_eval_rows(datasets / cfg.data.eval_split, realtime=e.realtime, limit=e.limit)
+    sets = read_eval_sets(datasets, limit=e.limit) if e.eval_sets else {}
     return evaluate_models(
         engines, rows, out_report, max_tokens=e.max_tokens, batch_size=e.batch_size, alert_threshold=e.alert_threshold,
-        title=f"{cfg.name}: evaluation on {cfg.data.eval_split}",
+        title=f"{cfg.name}: evaluation on {cfg.data.eval_split}", eval_sets=sets,
     )  # fmt: skip
 
 

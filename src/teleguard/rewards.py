@@ -13,6 +13,7 @@ column raises an error that names it, and reward details are logged append-only 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -267,6 +268,17 @@ def _length_reward(name: str, score: Callable[[ParsedOutput], float]) -> RewardF
     return fn
 
 
+def _lazy_reward(name: str, module: str) -> RewardFn:
+    """`module.name`, imported at the first call (the teacher judge needs httpx, rule rewards do not)."""
+
+    def fn(completions: Sequence[Any], **columns: Any) -> list[float]:
+        return getattr(importlib.import_module(module), name)(completions, **columns)
+
+    fn.__name__ = name
+    fn.__doc__ = f"{module}.{name} (imported when first called)"
+    return fn
+
+
 REWARDS: dict[str, RewardFn] = {
     "prompt_format": prompt_format,
     "scene_classification": scene_classification,
@@ -290,4 +302,5 @@ REWARDS: dict[str, RewardFn] = {
     "think_length_penalty_500": _length_reward(
         "think_length_penalty_500", partial(think_length_penalty, start=500, max_penalty=7.0)
     ),
+    "teacher_judge": _lazy_reward("teacher_judge", "teleguard.judge"),  # LLM judge x 5.0, see teleguard.judge
 }

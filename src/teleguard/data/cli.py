@@ -191,12 +191,25 @@ def build_command(
     evidence_chars: Annotated[
         int | None, typer.Option(help="quote the caller in reference reasoning")
     ] = None,
+    eval_sets: Annotated[
+        str,
+        typer.Option(help="evaluation sets drawn from the test split: all, none, or names (gold,very_short)"),
+    ] = "all",
+    eval_set_size: Annotated[int, typer.Option(min=1, help="calls per evaluation set, at most")] = 64,
+    eval_set_seed: Annotated[int, typer.Option(help="seed of the evaluation sets")] = 0,
 ) -> None:
-    """Build the ms-swift datasets of every stage (sft, grpo, realtime) for each split."""
+    """Build the ms-swift datasets of every stage (sft, grpo, realtime) for each split, and the evaluation sets
+    (docs/eval-sets.md) from the test split."""
     from teleguard.data.dataset import build_datasets
+    from teleguard.data.eval_sets import EVAL_SETS_DIR, check_names
 
     if modality not in ("text", "audio"):
         _fail(f"unknown modality {modality!r}; choose text or audio")
+    wanted = _eval_set_names(eval_sets)
+    try:
+        check_names(wanted)
+    except ValueError as err:
+        _fail(str(err))
     source = _local_input(splits)
     with _local_output(out) as folder:
         clip_maker = None
@@ -215,11 +228,29 @@ def build_command(
                 chain_scene=chain_scene,
                 max_transcript_chars=max_transcript_chars,
                 evidence_chars=evidence_chars,
+                eval_sets=wanted,
+                eval_set_size=eval_set_size,
+                eval_set_seed=eval_set_seed,
             )
         except (FileNotFoundError, ValueError) as err:
             _fail(str(err))
+        index_file = folder / EVAL_SETS_DIR / "card.json"
+        index = json.loads(index_file.read_text("utf-8")) if index_file.is_file() else {}
     for name, card in cards.items():
         console.print(f"{name}: {card['rows']}")
+    for name, n in index.get("built", {}).items():
+        console.print(f"evaluation set {name}: {n} calls")
+    for name, why in index.get("skipped", {}).items():
+        console.print(f"evaluation set {name} skipped: {why}")
+
+
+def _eval_set_names(option: str) -> list[str] | None:
+    """--eval-sets: "all" -> None (every set), "none" or "" -> [], else the comma-separated names."""
+    if option.strip().lower() == "all":
+        return None
+    if option.strip().lower() in ("", "none"):
+        return []
+    return [name.strip() for name in option.split(",") if name.strip()]
 
 
 def _safe(call_id: str) -> str:

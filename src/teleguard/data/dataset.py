@@ -9,12 +9,18 @@ calls folder per split (train/dev/test). `build_datasets` turns a splits folder 
     <split>/card.json       what the split holds
 
 in one modality (text: the transcript in the prompt; audio: the audio in `audios`, clipped to <= 30 s).
+From the test split it also builds the evaluation sets (teleguard.data.eval_sets, docs/eval-sets.md):
+
+    eval_sets/<name>/grpo.jsonl  whole-call rows of one set, built like the test split's grpo.jsonl
+    eval_sets/<name>/card.json   what the set holds and how it was drawn
+    eval_sets/card.json          which sets were built, and which were skipped and why
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,6 +30,15 @@ from rich.progress import track
 
 from teleguard.contract import Mode, load_prompts
 from teleguard.data.card import call_card, write_card
+from teleguard.data.eval_sets import (
+    AUDIO_SETS,
+    DEFAULT_SEED,
+    DEFAULT_SIZE,
+    EVAL_SETS,
+    EVAL_SETS_DIR,
+    check_names,
+    make_eval_sets,
+)
 from teleguard.data.ingest import ingest
 from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
 from teleguard.data.records import CallRecord
@@ -154,14 +169,108 @@ def build_split(
     return card
 
 
-def build_datasets(splits_dir: Path, out: Path, **options: Any) -> dict[str, dict[str, Any]]:
-    """Build every split found in `splits_dir` (train/dev/test calls folders)."""
+def build_eval_sets(
+    calls: list[CallRecord],
+    out: Path,
+    *,
+    names: Sequence[str] | None = None,
+    size: int = DEFAULT_SIZE,
+    seed: int = DEFAULT_SEED,
+    modality: Modality = "text",
+    prompts: str | Path | None = None,
+    chain_scene: bool = False,
+    rate: SpeechRate | None = None,
+    clip_maker: ClipMaker | None = None,
+    max_transcript_chars: int | None = None,
+    evidence_chars: int | None = None,
+) -> dict[str, Any]:
+    """The evaluation sets drawn from `calls` (the test split) as `<out>/<name>/grpo.jsonl` + card.
+
+    Rows are built exactly as the test split's whole-call rows (same prompts, modality and knobs: pass the test
+    split's `chain_scene`), so a set's numbers compare with the split's. An audio dataset holds only the sets
+    whose calls still match their audio (`AUDIO_SETS`); the others would need new audio and are skipped, with
+    the reason in `<out>/card.json`. Registry sets not built this time are removed from `out`, so a rebuild
+    leaves none stale. Returns the index: {"built": {name: calls}, "skipped": {name: reason}, ...}.
+    """
+    wanted = check_names(names)
+    skipped = {}
+    if modality == "audio":
+        skipped = {n: "needs new audio: its transcripts no longer match the call audio" for n in wanted}
+        wanted = [n for n in wanted if n in AUDIO_SETS]
+        skipped = {n: why for n, why in skipped.items() if n not in wanted}
+    builder = RowBuilder(
+        load_prompts(prompts),
+        Mode.OFFLINE,
+        modality,
+        chain_scene=chain_scene,
+        max_transcript_chars=max_transcript_chars,
+        evidence_chars=evidence_chars,
+    )
+    built = {}
+    for name, members in make_eval_sets(calls, wanted, seed=seed, limit=size).items():
+        rows = []
+        for call in members:
+            call = estimate_times(call, rate)
+            clips: Sequence[str] = ()
+            if clip_maker is not None:
+                # a cut call (very_short) is the first seconds of its audio; a whole call is all of it
+                cut = call.turns[-1].end if call.meta.get("whole_turns") else None
+                clips = clip_maker(call, cut, len(call.turns))
+            rows += builder.grpo_rows(sample_of_call(call, clips))
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        card = call_card(
+            members,
+            eval_set=name,
+            description=" ".join((EVAL_SETS[name].__doc__ or "").split("\n\n")[0].split()),
+            seed=seed,
+            size_limit=size,
+            source_calls=len(calls),
+            modality=modality,
+            chain_scene=chain_scene,
+            rows={"grpo_rows": write_rows(folder / "grpo.jsonl", rows)},
+            grpo_rows_per_task=dict(Counter(r["task"] for r in rows)),
+        )
+        write_card(folder, card, f"evaluation set {name} ({modality})")
+        built[name] = len(members)
+    for stale in set(EVAL_SETS) - set(built):  # a rebuild with fewer sets must not leave old ones to evaluate
+        shutil.rmtree(out / stale, ignore_errors=True)
+    index = {"seed": seed, "size_limit": size, "modality": modality, "built": built, "skipped": skipped}
+    out.mkdir(parents=True, exist_ok=True)
+    write_card(out, index, "evaluation sets")
+    return index
+
+
+def build_datasets(
+    splits_dir: Path,
+    out: Path,
+    *,
+    eval_sets: Sequence[str] | None = None,
+    eval_set_size: int = DEFAULT_SIZE,
+    eval_set_seed: int = DEFAULT_SEED,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """Build every split found in `splits_dir` (train/dev/test calls folders), and from the test split the
+    evaluation sets `eval_sets` (None: all of them; empty: none) of up to `eval_set_size` calls each."""
     present = [name for name in SPLITS if (splits_dir / name / CALLS_FILE).is_file()]
     if not present:
         raise FileNotFoundError(
             f"{splits_dir}: no split folders with {CALLS_FILE} (run `teleguard data split`)"
         )
-    return {
-        name: build_split(read_calls(splits_dir / name), out / name, progress=f"building {name}", **options)
-        for name in present
-    }
+    names = check_names(eval_sets)  # a misspelt set fails before any split is built
+    cards = {}
+    for name in present:
+        calls = read_calls(splits_dir / name)
+        cards[name] = build_split(calls, out / name, progress=f"building {name}", **options)
+        if name == "test":
+            knobs = ("modality", "prompts", "rate", "clip_maker", "max_transcript_chars", "evidence_chars")
+            build_eval_sets(
+                calls,
+                out / EVAL_SETS_DIR,
+                names=names,
+                size=eval_set_size,
+                seed=eval_set_seed,
+                chain_scene=cards[name]["chain_scene"],
+                **{k: options[k] for k in knobs if k in options},
+            )
+    return cards

@@ -25,7 +25,7 @@ def evaluate(
 ) -> None:
     """Greedy predictions on the held-out split for each stage's model; metrics JSON and a Markdown/HTML report."""
     from teleguard.engines import recipe_engine
-    from teleguard.evaluate.run import evaluate_models, read_eval_rows
+    from teleguard.evaluate.run import evaluate_models, read_eval_rows, read_eval_sets
     from teleguard.train.manifest import read_manifest
     from teleguard.train.stages import Runner
 
@@ -62,6 +62,7 @@ def evaluate(
         batch_size=e.batch_size,
         alert_threshold=e.alert_threshold,
         title=f"{recipe.name}: evaluation on {recipe.data.eval_split}",
+        eval_sets=read_eval_sets(datasets, limit=e.limit) if e.eval_sets else {},
     )
     table = Table("stage", "fraud acc", "fraud macro F1", "well-formed", "think length", title=str(out_dir))
     for name, r in results.items():

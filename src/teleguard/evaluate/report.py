@@ -3,6 +3,8 @@
 `write_report` turns `evaluate_predictions` results into `metrics.json`, `report.md` and a standalone
 `report.html` (plots embedded as base64), with the plots also written as PNG files under `plots/`.
 Markdown and HTML are rendered from one list of blocks, so the two always show the same numbers.
+Results that hold per-set results (`result["eval_sets"][set]`, teleguard.evaluate.run) add a table per
+evaluation set (docs/eval-sets.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ TASKS: tuple[tuple[str, str], ...] = (
     ("fraud_type", "Fraud type"),
 )
 _MISSING = "n/a"
+MAIN_ROW = "held-out split"  # the first row of the per-set table: the main results, for reference
 
 
 @dataclass
@@ -209,6 +212,40 @@ def _summary_blocks(results: dict[str, dict[str, Any]], plots: _Plots | None) ->
     return blocks
 
 
+def _eval_set_blocks(results: dict[str, dict[str, Any]]) -> list[_Block]:
+    """One row per evaluation set, four columns per model: is_fraud accuracy and macro F1 over the set's whole
+    calls, the well-formed rate over all its outputs, and n, the calls judged."""
+    sets = list(dict.fromkeys(name for r in results.values() for name in r.get("eval_sets", {})))
+    if not sets:
+        return []
+
+    def cells(result: dict[str, Any] | None) -> list[str]:
+        if result is None:
+            return [_MISSING] * 4
+        fraud = result.get("fraud")
+        n = fraud["n_samples"] if fraud else 0
+        scores = [fraud[k] if n else None for k in ("accuracy", "macro_f1")] if fraud else [None, None]
+        return [*(_num(v) for v in scores), _num(result.get("well_formed_rate", 0.0)), _num(n)]
+
+    rows = [[MAIN_ROW, *(c for r in results.values() for c in cells(r))]]
+    for name in sets:
+        rows.append([name, *(c for r in results.values() for c in cells(r.get("eval_sets", {}).get(name)))])
+    headers = ["set"] + [
+        f"{model}: {column}"
+        for model in results
+        for column in ("fraud accuracy", "fraud macro F1", "well-formed rate", "n")
+    ]
+    return [
+        _Heading("Results per evaluation set"),
+        _Paragraph(
+            "Whole calls of each evaluation set drawn from the held-out split (docs/eval-sets.md): gold is a "
+            "balanced clean sample; disguised_opening, fraud_words_in_normal, code_switching and very_short "
+            "are red-team sets. Fraud accuracy and macro F1 are the is_fraud round's; n counts its calls."
+        ),
+        _Table(headers, rows),
+    ]
+
+
 def _realtime_blocks(results: dict[str, dict[str, Any]]) -> list[_Block]:
     realtime = {stage: r["realtime"] for stage, r in results.items() if r.get("realtime")}
     if not realtime:
@@ -375,6 +412,7 @@ def write_report(
     blocks: list[_Block] = [_Paragraph("Stages: " + ", ".join(results) if results else "No results.")]
     if results:
         blocks += _summary_blocks(results, plot_state)
+        blocks += _eval_set_blocks(results)
         blocks += _realtime_blocks(results)
         blocks += _confusion_blocks(results, plot_state)
 

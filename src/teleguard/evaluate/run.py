@@ -2,16 +2,21 @@
 
 For each stage's model: greedy answers to every round of the eval split's whole calls (`grpo.jsonl`) and, when
 asked, of its streaming prefixes (`realtime.jsonl`); then `evaluate_predictions` and a report comparing the
-stages. Predictions are kept (`predictions-<stage>.jsonl`) so metrics can be recomputed without a model.
+stages. Each evaluation set built beside the splits (`<datasets>/eval_sets/<set>/grpo.jsonl`, docs/eval-sets.md)
+is evaluated the same way, its whole-call rows only, into `results[stage]["eval_sets"][set]`. Predictions are
+kept (`predictions-<stage>.jsonl`, `predictions-<stage>-<set>.jsonl`) so metrics can be recomputed without a
+model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from teleguard.contract.labels import Stage
+from teleguard.data.eval_sets import EVAL_SETS, EVAL_SETS_DIR
 from teleguard.engines import Engine, SamplingParams, prompt_of_row
 from teleguard.evaluate.metrics import RoundPrediction, evaluate_predictions
 from teleguard.evaluate.report import write_report
@@ -28,6 +33,20 @@ def read_eval_rows(dataset_split: Path, *, realtime: bool, limit: int | None) ->
             part = [json.loads(line) for line in f if line.strip()]
         rows += part[:limit] if limit else part
     return rows
+
+
+def read_eval_sets(datasets: Path, *, limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    """The whole-call rows of every evaluation set under `<datasets>/eval_sets/`, by set name (registry sets
+    first, in registry order); the first `limit` rows of each. No sets built: an empty dict."""
+    found = {path.parent.name: path for path in (datasets / EVAL_SETS_DIR).glob("*/grpo.jsonl")}
+    order = [n for n in EVAL_SETS if n in found] + sorted(set(found) - set(EVAL_SETS))
+    sets = {}
+    for name in order:
+        with found[name].open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in rows if r.get("conversation_stage", Stage.COMPLETE) == Stage.COMPLETE]
+        sets[name] = rows[:limit] if limit else rows
+    return sets
 
 
 def predict(
@@ -67,13 +86,27 @@ def evaluate_models(
     batch_size: int = 16,
     alert_threshold: float = 0.0,
     title: str = "teleguard evaluation",
+    eval_sets: Mapping[str, Sequence[dict[str, Any]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate each named model (an engine factory, so one model is loaded at a time) and write the report."""
+    """Evaluate each named model (an engine factory, so one model is loaded at a time) and write the report.
+
+    `results[model]` is `evaluate_predictions` of the main rows; with `eval_sets` (set name -> rows, as from
+    `read_eval_sets`) it also holds `results[model]["eval_sets"][set]`, the same metrics for each set.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     for name, make_engine in models.items():
-        predictions = predict(make_engine(), rows, max_tokens, batch_size)
+        engine = make_engine()
+        predictions = predict(engine, rows, max_tokens, batch_size)
         write_predictions(out_dir / f"predictions-{name}.jsonl", predictions)
         results[name] = evaluate_predictions(predictions, alert_threshold=alert_threshold)
+        per_set = {}
+        for set_name, set_rows in (eval_sets or {}).items():
+            set_predictions = predict(engine, set_rows, max_tokens, batch_size)
+            write_predictions(out_dir / f"predictions-{name}-{set_name}.jsonl", set_predictions)
+            per_set[set_name] = evaluate_predictions(set_predictions, alert_threshold=alert_threshold)
+        if per_set:
+            results[name]["eval_sets"] = per_set
+        del engine  # the next model loads only after this one is released
     write_report(results, out_dir, title=title)
     return results

@@ -33,18 +33,58 @@ def load_serve_config(file: Path | None, overrides: dict[str, Any]) -> Any:
     for key, value in overrides.items():
         if value is None:
             continue
-        section, _, name = key.rpartition(".")
+        *sections, name = key.split(".")
         target = raw
-        if section:
-            target = raw.setdefault(section, {})
+        for depth, section in enumerate(sections, 1):
+            target = target.setdefault(section, {})
             if not isinstance(target, dict):
-                raise ServeConfigError(f"{file}: section '{section}' must be a mapping")
+                raise ServeConfigError(f"{file}: section '{'.'.join(sections[:depth])}' must be a mapping")
         target[name] = value
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as err:
         where = f"{file}: " if file else ""
         raise ServeConfigError(where + "; ".join(field_errors(err))) from None
+
+
+def cascade_overrides(
+    *,
+    url: str | None,
+    model: str | None,
+    model_dir: str | None,
+    threshold: float | None,
+    timeout: float | None,
+    engine: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The `engine.cascade.*` overrides of the --escalate-* options (empty when none is given).
+
+    --escalate-url with --escalate-model: a remote large engine; --escalate-model-dir: a local one run by the
+    served engine's kind (transformers unless --engine vllm) on the same --device. --escalation-threshold and
+    --escalation-timeout alone adjust a cascade the --config file sets up.
+    """
+    if url and model_dir:
+        raise ServeConfigError("--escalate-url and --escalate-model-dir exclude each other: one large model")
+    if model and not url:
+        raise ServeConfigError(
+            "--escalate-model names the model --escalate-url serves; for a local folder use --escalate-model-dir"
+        )
+    if url and not model:
+        raise ServeConfigError("--escalate-url needs --escalate-model (the model name the endpoint serves)")
+    out: dict[str, Any] = {}
+    prefix = "engine.cascade."
+    if url:
+        out |= {f"{prefix}large.kind": "remote", f"{prefix}large.url": url, f"{prefix}large.model": model}
+    elif model_dir:
+        kind = engine if engine in ("transformers", "vllm") else "transformers"
+        out |= {f"{prefix}large.kind": kind, f"{prefix}large.model": model_dir}
+        if device is not None:
+            out[f"{prefix}large.device"] = device
+    if threshold is not None:
+        out[f"{prefix}threshold"] = threshold
+    if timeout is not None:
+        out[f"{prefix}large.timeout_s"] = timeout
+    return out
 
 
 def serve_command(
@@ -86,6 +126,36 @@ def serve_command(
     ] = None,
     max_calls: Annotated[int | None, typer.Option(help="open calls at most (429 beyond)")] = None,
     ttl: Annotated[float | None, typer.Option(help="seconds before an idle call expires")] = None,
+    escalate_url: Annotated[
+        str | None,
+        typer.Option(
+            help="confidence cascade: the large model's OpenAI-compatible API base URL (…/v1); unsure "
+            "answers of the served model are asked again there"
+        ),
+    ] = None,
+    escalate_model: Annotated[
+        str | None, typer.Option(help="confidence cascade: the model name --escalate-url serves")
+    ] = None,
+    escalate_model_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="confidence cascade: a local large model folder (or s3:// URI), run like --model "
+            "(transformers or vllm, same --device)"
+        ),
+    ] = None,
+    escalation_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="confidence cascade: escalate answers whose confidence is below this (default 0.7)"
+        ),
+    ] = None,
+    escalation_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="confidence cascade: seconds the large model may take before the small answer stands "
+            "(default: half of --timeout)"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Serve the real-time detector: KServe V1/V2 routes, a WebSocket stream, REST call routes, /metrics."""
@@ -93,6 +163,18 @@ def serve_command(
     if engine == "remote" and served_model is None and model is not None:
         served_model = model
         model = None
+    try:
+        cascade = cascade_overrides(
+            url=escalate_url,
+            model=escalate_model,
+            model_dir=escalate_model_dir,
+            threshold=escalation_threshold,
+            timeout=escalation_timeout,
+            engine=engine,
+            device=device,
+        )
+    except ServeConfigError as err:
+        _fail(str(err))
     overrides = {
         "model": model,
         "host": host,
@@ -114,6 +196,7 @@ def serve_command(
         "detector.max_calls": max_calls,
         "detector.ttl_seconds": ttl,
         "detector.engine_timeout_s": timeout,
+        **cascade,
     }
     try:
         serve_config = load_serve_config(config, overrides)

@@ -18,6 +18,9 @@ ms-swift loads them like its dataset files (librosa, mono, 16 kHz). Nothing touc
 
 Failures are `EngineFailure` (kind "error") and `EngineTimeout` (kind "timeout"), both `EngineError`s, so the
 server can answer 503 and count them apart. `with_timeout` puts a deadline on any `generate`.
+
+Any of the three can be the small engine of a confidence cascade (`EngineConfig.cascade`, see
+`teleguard.serve.cascade`): its unsure answers are asked again of a second, larger engine.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from teleguard.serve.policy import EngineError, EngineRequest, Generate, Generation
 from teleguard.serve.protocol import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from teleguard.serve.cascade import CascadeEngine
+    from teleguard.serve.metrics import DetectorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,23 @@ class EngineConfig(BaseModel):
     batch_wait_ms: float = Field(default=5.0, ge=0)  # transformers: how long a batch collects requests
     max_concurrency: int = Field(default=64, ge=1)  # remote: requests in flight at once
     engine_options: dict[str, Any] = Field(default_factory=dict)  # passed to ms-swift's engine as is
+    # A confidence cascade (teleguard.serve.cascade): this engine answers first; the requests whose answer is
+    # unsure are asked again of `cascade.large`. None: no cascade.
+    cascade: CascadeConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _escalation_deadline(cls, data: Any) -> Any:
+        """An escalation engine given as a mapping without `timeout_s` gets half of this engine's: the
+        escalation must finish inside the deadline of the whole invocation (see `_consistent`)."""
+        if isinstance(data, dict) and isinstance(data.get("cascade"), dict):
+            cascade = data["cascade"]
+            large = cascade.get("large")
+            if isinstance(large, dict) and "timeout_s" not in large:
+                timeout = data.get("timeout_s", cls.model_fields["timeout_s"].default)
+                if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+                    data = {**data, "cascade": {**cascade, "large": {**large, "timeout_s": timeout / 2}}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> EngineConfig:
@@ -106,10 +130,41 @@ class EngineConfig(BaseModel):
             raise ValueError(f"'url' is for the remote engine only, not {self.kind}")
         if self.kind == "vllm" and self.device == "cpu":
             raise ValueError("the vllm engine runs on a GPU: use the transformers engine on a CPU")
+        if self.cascade is not None and self.cascade.large.timeout_s >= self.timeout_s:
+            raise ValueError(
+                f"cascade.large.timeout_s ({self.cascade.large.timeout_s:g} s) must be shorter than timeout_s "
+                f"({self.timeout_s:g} s), the deadline of the whole invocation (small and large engine): "
+                "otherwise a slow escalation is a 503 instead of falling back to the small engine's answer"
+            )
         return self
 
     def max_tokens_for(self, request: EngineRequest) -> int:
         return min(request.max_tokens, self.max_tokens) if self.max_tokens else request.max_tokens
+
+
+class CascadeConfig(BaseModel):
+    """A confidence cascade: the engine configured around it (the small one) answers every request first; a
+    request whose answer is unsure (confidence below `threshold`, no confidence, or no answer JSON at all) is
+    sent to `large`, whose answer is used. If `large` fails or misses its deadline (`large.timeout_s`), the
+    small engine's answer stands."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    large: (
+        EngineConfig  # the escalation engine: a remote endpoint or a local model folder (no cascade itself)
+    )
+    threshold: float = Field(default=0.7, ge=0, le=1)  # escalate when the small answer's confidence is below
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CascadeConfig:
+        if self.large.cascade is not None:
+            raise ValueError("cascades do not nest: the large engine of a cascade has no cascade of its own")
+        if self.large.kind != "remote" and not self.large.model:
+            raise ValueError(f"a local ({self.large.kind}) large engine needs 'model' (a model folder)")
+        return self
+
+
+EngineConfig.model_rebuild()
 
 
 # --- audio ---------------------------------------------------------------------------------------------------
@@ -454,8 +509,19 @@ class RemoteEngine:
 ServingEngine = SwiftServingEngine | RemoteEngine
 
 
-def build_engine(config: EngineConfig) -> ServingEngine:
-    """The engine the configuration names. Local engines load the model here: call it off the event loop."""
+def build_engine(
+    config: EngineConfig, *, metrics: DetectorMetrics | None = None
+) -> ServingEngine | CascadeEngine:
+    """The engine the configuration names. Local engines load the model here: call it off the event loop.
+
+    With `config.cascade` set, a `teleguard.serve.cascade.CascadeEngine` over the small engine (this config
+    without its cascade) and the large one; it counts its escalations in `metrics` (the process-wide
+    `default_metrics()` unless given or bound later with `CascadeEngine.bind_metrics`).
+    """
+    if config.cascade is not None:
+        from teleguard.serve.cascade import build_cascade
+
+        return build_cascade(config, metrics=metrics)
     if config.kind == "remote":
         return RemoteEngine(config)
     return SwiftServingEngine(config)

@@ -18,6 +18,11 @@ Conventions the server must follow for the rules to mean what they say:
   so that engine errors / model calls is an error ratio.
 - `call_opened` once per call and `call_closed` exactly once per opened call (expired calls too, with
   `expired=True`), so that the active-calls gauge returns to zero and every call gets one verdict.
+- a confidence cascade (`teleguard.serve.cascade`) counts per request (one round's answer), not per engine
+  invocation: `cascade_decision` once for every request it answers (by the engine whose answer was used),
+  `cascade_escalation` once for every request it sent to the large engine (by why), and
+  `cascade_escalation_failure` once for every escalated request whose large answer failed or timed out (the
+  small answer was used: answered_by "small"). The escalation rate is escalations / cascade decisions.
 """
 
 from __future__ import annotations
@@ -108,6 +113,22 @@ class EngineErrorKind(StrEnum):
 
 
 _ENGINE_ERROR_KINDS = frozenset(kind.value for kind in EngineErrorKind)
+
+
+class EscalationReason(StrEnum):
+    """Why a cascade sent a request to its large engine."""
+
+    LOW_CONFIDENCE = "low_confidence"  # the small answer's confidence is below the threshold
+    NO_CONFIDENCE = "no_confidence"  # the answer JSON has no confidence in [0, 1]
+    UNPARSABLE = "unparsable"  # no answer JSON object at all (no <answer>, truncated, broken JSON)
+
+
+class AnsweredBy(StrEnum):
+    """Which engine of a cascade gave the answer a decision was made on."""
+
+    SMALL = "small"
+    LARGE = "large"
+
 
 REJECT_REASONS: tuple[str, ...] = (
     "invalid_base64",
@@ -234,6 +255,26 @@ class DetectorMetrics:
         self.calls_expired = Counter(
             f"{PREFIX}calls_expired", "Calls closed by the server because they went idle.", registry=reg
         )
+        self.cascade_escalations = Counter(
+            f"{PREFIX}cascade_escalations",
+            "Requests a confidence cascade sent to its large engine, by reason "
+            "(low_confidence, no_confidence, unparsable).",
+            ["reason"],
+            registry=reg,
+        )
+        self.cascade_decisions = Counter(
+            f"{PREFIX}cascade_decisions",
+            "Requests a confidence cascade answered, by the engine whose answer was used (small, large).",
+            ["answered_by"],
+            registry=reg,
+        )
+        self.cascade_escalation_failures = Counter(
+            f"{PREFIX}cascade_escalation_failures",
+            "Escalated requests whose large-engine answer failed or timed out, by kind (timeout, error); "
+            "the small engine's answer was used.",
+            ["kind"],
+            registry=reg,
+        )
         # Closed label sets start at zero so that rate() sees the first increase and a ratio such as the fraud
         # rate is 0 rather than absent while no fraud verdict has been given yet.
         for verdict in Verdict:
@@ -244,6 +285,12 @@ class DetectorMetrics:
             self.rejected_requests.labels(reason=reason)
         for fraud_type in FRAUD_TYPE_VALUES:
             self.alerts.labels(fraud_type=fraud_type)
+        for escalation in EscalationReason:
+            self.cascade_escalations.labels(reason=escalation.value)
+        for answered_by in AnsweredBy:
+            self.cascade_decisions.labels(answered_by=answered_by.value)
+        for kind in EngineErrorKind:
+            self.cascade_escalation_failures.labels(kind=kind.value)
 
     def observe_chunk(self, seconds: float) -> None:
         """One accepted chunk and the time it took to handle."""
@@ -303,6 +350,21 @@ class DetectorMetrics:
     def rejected(self, reason: str) -> None:
         self.rejected_requests.labels(reason=reject_reason(reason)).inc()
 
+    def cascade_decision(self, answered_by: AnsweredBy | str) -> None:
+        """One request answered by a cascade, by the engine whose answer was used."""
+        self.cascade_decisions.labels(answered_by=AnsweredBy(answered_by).value).inc()
+
+    def cascade_escalation(self, reason: EscalationReason | str) -> None:
+        """One request sent to the cascade's large engine, and why."""
+        self.cascade_escalations.labels(reason=EscalationReason(reason).value).inc()
+
+    def cascade_escalation_failure(self, kind: EngineErrorKind | str) -> None:
+        """One escalated request the large engine did not answer (unknown kinds count as "error")."""
+        value = str(kind)
+        if value not in _ENGINE_ERROR_KINDS:
+            value = EngineErrorKind.ERROR.value
+        self.cascade_escalation_failures.labels(kind=value).inc()
+
     def metrics(self) -> tuple[Counter | Gauge | Histogram, ...]:
         return (
             self.chunk_latency,
@@ -318,6 +380,9 @@ class DetectorMetrics:
             self.rejected_requests,
             self.chunks,
             self.calls_expired,
+            self.cascade_escalations,
+            self.cascade_decisions,
+            self.cascade_escalation_failures,
         )
 
 

@@ -177,6 +177,9 @@ class TeleguardDetector(Model):
                 config=self.config.detector.model_copy(update={"engine_timeout_s": timeout}),
                 metrics=self.metrics or default_metrics(),
             )
+            # a cascade counts its escalations where the detector counts its decisions
+            if (bind_metrics := getattr(engine, "bind_metrics", None)) is not None:
+                bind_metrics(self.detector.metrics)
             self.ready = True
             log.info(
                 "model %s loaded (%s engine) in %.1f s",

@@ -8,6 +8,16 @@ keys and impossible values are rejected with the file and the field before anyth
 Stage chain (each stage starts from the model the previous enabled stage produced):
 
     sft (warm start, optional) -> grpo (stage 1) -> sample (2a) -> rsft (2b) -> lcrl (2c) -> realtime (3) -> export
+
+The other seed systems add stages, all off by default (recipes/ turns them on):
+
+    classifier   a fraud classifier (sequence classification) for the `fraud_classifier` reward   (seed 002)
+    distill      SFT on rationales a teacher model wrote for the training prompts                  (seed 003)
+    rm           a reward model trained on preference pairs from the sampled responses              (seed 004)
+    dpo          DPO on the same pairs                                                              (seed 004)
+    ppo          PPO against the reward model, with a KL coefficient and a KL target               (seeds 001, 002)
+
+`classifier` and `rm` are side stages: they train a model other stages use, and the policy chain passes them by.
 """
 
 from __future__ import annotations
@@ -20,8 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from teleguard.rewards import REWARDS
 from teleguard.yaml_files import field_errors, read_mapping
 
-STAGES = ("sft", "grpo", "sample", "rsft", "lcrl", "realtime", "export")
-Stage = Literal["sft", "grpo", "sample", "rsft", "lcrl", "realtime", "export"]
+STAGES = (
+    "sft", "classifier", "distill", "grpo", "sample", "rm", "rsft", "dpo", "ppo", "lcrl", "realtime", "export",
+)  # fmt: skip
+SIDE_STAGES = ("classifier", "rm")  # they train a model for other stages; the next policy stage skips them
+Stage = Literal[
+    "sft", "classifier", "distill", "grpo", "sample", "rm", "rsft", "dpo", "ppo", "lcrl", "realtime", "export"
+]
 
 
 class _Config(BaseModel):
@@ -99,6 +114,70 @@ class RsftStage(Schedule):
     """Stage 2b: SFT on the responses stage 2a kept."""
 
     learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    selection: Literal["rule", "reward_model"] = Field(
+        default="rule",
+        description="rule: the shortest correct sample; reward_model: the sample the rm stage's model ranks first",
+    )
+
+
+class ClassifierStage(Schedule):
+    """A fraud classifier (`swift sft --task_type seq_cls`) whose probability is the `fraud_classifier` reward."""
+
+    enabled: bool = False
+    learning_rate: float = Field(default=1e-4, gt=0, lt=1)
+
+
+class TeacherModel(_Config):
+    """The model that writes rationales (a folder or s3:// URI; a tiny one is built when so configured)."""
+
+    path: str
+    model_type: str | None = Field(default=None, description="default: the recipe's model.model_type")
+    template: str | None = Field(default=None, description="default: the recipe's model.template")
+    build_tiny: TinyModelSpec | None = None
+
+
+class DistillStage(Schedule):
+    """SFT on teacher-written rationales (the teacher sees the gold answer and explains it)."""
+
+    enabled: bool = False
+    learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    teacher: TeacherModel | None = None
+    engine: Literal["transformers", "vllm"] = "vllm"
+    max_tokens: int = Field(default=1024, ge=8)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_rationale_chars: int = Field(default=2000, ge=20)
+    rows: int | None = Field(default=None, ge=1, description="teacher rationales for the first N training prompts")
+    batch_size: int = Field(default=16, ge=1)
+
+
+class PreferenceStage(Schedule):
+    """Shared by the reward model and DPO: pairs from the sample stage's responses (teleguard.train.preferences)."""
+
+    length_ratio: float = Field(default=1.5, ge=1, description="a correct answer this much longer is 'long'")
+
+
+class RmStage(PreferenceStage):
+    enabled: bool = False
+    learning_rate: float = Field(default=1e-5, gt=0, lt=1)
+
+
+class DpoStage(PreferenceStage):
+    enabled: bool = False
+    learning_rate: float = Field(default=5e-6, gt=0, lt=1)
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta (strength of the reference constraint)")
+
+
+class PpoStage(Schedule):
+    """PPO against the rm stage's reward model. ms-swift (TRL's PPOTrainer) keeps the KL coefficient fixed during a
+    run; `target_kl` is checked after it: the stage's metrics say whether the mean KL stayed under the target."""
+
+    enabled: bool = False
+    learning_rate: float = Field(default=1e-6, gt=0, lt=1)
+    kl_coef: float = Field(default=0.05, ge=0)
+    target_kl: float | None = Field(default=0.1, gt=0)
+    max_completion_length: int = Field(default=1024, ge=8)
+    temperature: float = Field(default=0.7, gt=0, le=2)
+    dataset: Literal["grpo", "realtime"] = "grpo"
 
 
 class VllmRollout(_Config):
@@ -106,6 +185,36 @@ class VllmRollout(_Config):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=64)
     tensor_parallel_size: int = Field(default=1, ge=1)
+
+
+class LocalJudge(_Config):
+    """Serve the judge on loopback with `swift deploy` for the stage's duration (CPU runs and tests)."""
+
+    model: str = Field(default="start", description="a model folder or URI; 'start': the stage's start model")
+    model_type: str | None = None
+    template: str | None = None
+
+
+class TeacherJudge(_Config):
+    """The `teacher_judge` reward's LLM judge (teleguard.judge.JudgeConfig fields under `endpoint`)."""
+
+    endpoint: dict[str, Any] = Field(default_factory=dict)
+    serve: LocalJudge | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherJudge:
+        self.judge_config("http://127.0.0.1:1/v1" if self.serve else None)  # validates the endpoint's fields
+        return self
+
+    def judge_config(self, base_url: str | None = None, cache: str | None = None) -> Any:
+        from teleguard.judge import JudgeConfig
+
+        fields = {"model": "judge", **self.endpoint}
+        if base_url:
+            fields["base_url"] = base_url
+        if cache and not fields.get("cache"):
+            fields["cache"] = cache
+        return JudgeConfig.model_validate(fields)
 
 
 class GrpoStage(Schedule):
@@ -121,12 +230,15 @@ class GrpoStage(Schedule):
     use_vllm: bool = True
     vllm: VllmRollout = VllmRollout()
     dataset: Literal["grpo", "realtime"] = "grpo"
+    judge: TeacherJudge | None = Field(default=None, description="needed by the teacher_judge reward")
 
     @model_validator(mode="after")
     def _check(self) -> GrpoStage:
         unknown = [name for name in self.reward_funcs if name not in REWARDS]
         if unknown:
             raise ValueError(f"unknown reward_funcs {unknown}; known: {', '.join(REWARDS)}")
+        if "teacher_judge" in self.reward_funcs and self.judge is None:
+            raise ValueError("reward teacher_judge needs a judge section (endpoint and/or serve)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
@@ -179,13 +291,21 @@ class EvaluateConfig(_Config):
     realtime: bool = True
     alert_threshold: float = Field(default=0.0, ge=0, le=1)
     batch_size: int = Field(default=16, ge=1)
+    eval_sets: bool = Field(
+        default=True, description="also evaluate the sets under <datasets>/eval_sets (docs/eval-sets.md)"
+    )
 
 
 class Stages(_Config):
     sft: SftStage = SftStage()
+    classifier: ClassifierStage = ClassifierStage()
+    distill: DistillStage = DistillStage()
     grpo: GrpoStage = GrpoStage()
     sample: SampleStage = SampleStage()
+    rm: RmStage = RmStage()
     rsft: RsftStage = RsftStage()
+    dpo: DpoStage = DpoStage()
+    ppo: PpoStage = PpoStage()
     lcrl: LcrlStage = LcrlStage()
     realtime: RealtimeStage = RealtimeStage()
     export: ExportStage = ExportStage()
@@ -216,14 +336,33 @@ class Recipe(_Config):
                     )
             if self.stages.sample.engine == "vllm" or self.evaluate.engine == "vllm":
                 raise ValueError("the vllm engine needs a GPU: use engine: transformers when device is cpu")
-        if self.stages.rsft.enabled and not self.stages.sample.enabled:
+        s = self.stages
+        if s.rsft.enabled and not s.sample.enabled:
             raise ValueError(
                 "stages.rsft trains on what stages.sample selects: enable sample or disable rsft"
             )
+        for name, needs in (("rm", "sample"), ("dpo", "sample"), ("ppo", "rm")):
+            if getattr(s, name).enabled and not getattr(s, needs).enabled:
+                raise ValueError(f"stages.{name} needs stages.{needs}: enable it or disable {name}")
+        if s.rsft.enabled and s.rsft.selection == "reward_model" and not s.rm.enabled:
+            raise ValueError("stages.rsft.selection reward_model needs stages.rm enabled")
+        if s.distill.enabled and s.distill.teacher is None:
+            raise ValueError("stages.distill needs a teacher (path, and build_tiny for a tiny one)")
+        if self.device == "cpu" and s.distill.enabled and s.distill.engine == "vllm":
+            raise ValueError("the vllm engine needs a GPU: use stages.distill.engine: transformers on cpu")
+        uses_classifier = any(
+            "fraud_classifier" in getattr(s, n).reward_funcs for n in ("grpo", "lcrl", "realtime")
+        )
+        if uses_classifier and not s.classifier.enabled:
+            raise ValueError("reward fraud_classifier needs stages.classifier enabled (it trains the classifier)")
         return self
 
     def enabled(self) -> list[str]:
         return [name for name in STAGES if getattr(self.stages, name).enabled]
+
+    def policy_stages(self) -> list[str]:
+        """The enabled stages whose model the next stage starts from (side stages left out)."""
+        return [name for name in self.enabled() if name not in SIDE_STAGES]
 
 
 class RecipeError(ValueError):

@@ -13,6 +13,7 @@ local folder and upload it, with checksums, when they finish; the next stage dow
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -20,12 +21,20 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from teleguard.train.config import STAGES, GrpoStage, Recipe, RsftStage, SftStage
+from teleguard.train.config import (
+    STAGES,
+    DistillStage,
+    GrpoStage,
+    Recipe,
+    RsftStage,
+    SftStage,
+    TinyModelSpec,
+)
 from teleguard.train.distributed import node_rank, swift_launch_env
 from teleguard.train.manifest import read_manifest, tree_sha256, write_manifest
 from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, plugin_args, run_swift
@@ -70,8 +79,18 @@ def latest_checkpoint(train_dir: Path) -> Path | None:
 class Runner:
     """Runs the stages of one recipe, each from the model the previous enabled stage produced."""
 
-    def __init__(self, recipe: Recipe, *, force: bool = False, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        force: bool = False,
+        log: Callable[[str], None] = print,
+        side_models: dict[str, Path] | None = None,
+    ) -> None:
+        """`side_models` ({"rm": folder, "classifier": folder}) stand in for side stages run elsewhere (a pipeline
+        step hands in the artifact of the step that trained them)."""
         self.recipe, self.force, self.log = recipe, force, log
+        self.side_models = dict(side_models or {})
         self._fetched: dict[str, Path] = {}
         out = recipe.output_dir
         if _is_uri(out):
@@ -112,9 +131,16 @@ class Runner:
             )
         return folder / manifest["model"]
 
+    def side_model(self, stage: str) -> Path:
+        """The model a side stage (classifier, rm) trained: handed in, or this runner's own stage output."""
+        return self.side_models[stage] if stage in self.side_models else self._stage_model(stage)
+
+    def _earlier(self, stage: str) -> list[str]:
+        return [s for s in STAGES[: STAGES.index(stage)] if s in self.recipe.policy_stages()]
+
     def start_model(self, stage: str) -> Path:
-        """The previous enabled stage's model, or the recipe's model for the first stage."""
-        earlier = [s for s in STAGES[: STAGES.index(stage)] if s in self.recipe.enabled()]
+        """The previous enabled policy stage's model, or the recipe's model for the first stage."""
+        earlier = self._earlier(stage)
         if earlier:
             return self._stage_model(earlier[-1])
         path = self._fetch(self.recipe.model.path)
@@ -124,28 +150,31 @@ class Runner:
                 raise FileNotFoundError(
                     f"model {self.recipe.model.path} does not exist (and no build_tiny is set)"
                 )
-            from teleguard.tiny_models import build_tiny_model, corpus_from_paths
-
-            self.log(f"building a tiny {spec.arch} model at {path}")
-            # relative patterns name files of the built datasets, so a pipeline step finds them in its artifact
-            patterns = [p if Path(p).is_absolute() else str(self.datasets() / p) for p in spec.corpus]
-            files = [Path(f) for pattern in patterns for f in sorted(glob.glob(pattern))]
-            corpus = itertools.islice(corpus_from_paths(files), spec.corpus_limit)
-            build_tiny_model(
-                path,
-                spec.arch,
-                corpus,
-                vocab_size=spec.vocab_size,
-                hidden_size=spec.hidden_size,
-                num_layers=spec.num_layers,
-                seed=spec.seed,
-            )
+            self._build_tiny(path, spec)
         return path
+
+    def _build_tiny(self, path: Path, spec: TinyModelSpec) -> None:
+        from teleguard.tiny_models import build_tiny_model, corpus_from_paths
+
+        self.log(f"building a tiny {spec.arch} model at {path}")
+        # relative patterns name files of the built datasets, so a pipeline step finds them in its artifact
+        patterns = [p if Path(p).is_absolute() else str(self.datasets() / p) for p in spec.corpus]
+        files = [Path(f) for pattern in patterns for f in sorted(glob.glob(pattern))]
+        corpus = itertools.islice(corpus_from_paths(files), spec.corpus_limit)
+        build_tiny_model(
+            path,
+            spec.arch,
+            corpus,
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            seed=spec.seed,
+        )
 
     # ---------------------------------------------------------------------------------------------- running
 
     def _upstream(self, stage: str) -> str | None:
-        earlier = [s for s in STAGES[: STAGES.index(stage)] if s in self.recipe.enabled()]
+        earlier = self._earlier(stage)
         manifest = read_manifest(self.folder(earlier[-1])) if earlier else None
         return manifest.get("config_hash") if manifest else None
 
@@ -181,9 +210,8 @@ class Runner:
         start_model = self._fetch(str(start_model)) if start_model else self.start_model(stage)
         started = time.monotonic()
         self.log(f"{stage}: starting from {start_model}")
-        fields = getattr(
-            self, f"_run_{'sft' if stage == 'rsft' else 'grpo' if stage in ('lcrl', 'realtime') else stage}"
-        )(stage, start_model, folder)
+        method = {"rsft": "sft", "distill": "sft", "lcrl": "grpo", "realtime": "grpo"}.get(stage, stage)
+        fields = getattr(self, f"_run_{method}")(stage, start_model, folder)
         if fields.get("worker_node"):
             self.log(f"{stage}: training finished on node {fields['worker_node']}; node 0 keeps the model")
             return StageResult(stage, folder, start_model, fields, skipped=True)
@@ -272,14 +300,22 @@ class Runner:
         return target
 
     def _train(
-        self, command: str, stage: str, model: Path, folder: Path, options: dict[str, Any]
+        self,
+        command: str,
+        stage: str,
+        model: Path,
+        folder: Path,
+        options: dict[str, Any],
+        environ: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """Train (or finish a trained stage) and return the manifest fields. `environ` adds variables for the
+        ms-swift process (reward functions read their settings from there)."""
         train_dir = folder / TRAIN_DIR
         resume = None
         if training_finished(train_dir):
             self.log(f"{stage}: training had finished; finishing the stage")
         else:
-            resume = self._run_training(command, stage, model, folder, options)
+            resume = self._run_training(command, stage, model, folder, options, environ or {})
         if (rank := node_rank(os.environ)) > 0:
             return {"worker_node": rank}
         checkpoint = latest_checkpoint(train_dir)
@@ -299,12 +335,18 @@ class Runner:
         }
 
     def _run_training(
-        self, command: str, stage: str, model: Path, folder: Path, options: dict[str, Any]
+        self,
+        command: str,
+        stage: str,
+        model: Path,
+        folder: Path,
+        options: dict[str, Any],
+        environ: dict[str, str],
     ) -> Path | None:
         """Train, resuming from the newest complete checkpoint; returns the checkpoint it resumed from."""
         train_dir = folder / TRAIN_DIR
         options["output_dir"] = train_dir
-        env = swift_launch_env(os.environ, gpus_per_node=self._gpus())
+        env = {**swift_launch_env(os.environ, gpus_per_node=self._gpus()), **environ}
         if self.recipe.data.modality == "audio":
             env["ROOT_IMAGE_DIR"] = str(
                 self.datasets()
@@ -357,23 +399,81 @@ class Runner:
     # ---------------------------------------------------------------------------------------------- stages
 
     def _run_sft(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
-        s: SftStage | RsftStage = getattr(self.recipe.stages, stage)
+        s: SftStage | RsftStage | DistillStage = getattr(self.recipe.stages, stage)
+        extra: dict[str, Any] = {}
         if stage == "rsft":
-            source = self.folder("sample") / "sft.jsonl"
-            if not source.is_file():
-                self._stage_model("sample")  # downloads the sample stage's folder when it ran elsewhere
-            if source.stat().st_size == 0:
-                # Nothing was solved: training on nothing would fail deep inside ms-swift; say so and pass on.
-                self.log(
-                    "rsft: rejection sampling kept no responses; nothing to train, the model passes through"
-                )
-                return {"inputs": {"model": str(model), "dataset": str(source)}, "model": os.path.relpath(model, folder),
-                        "metrics": {"rows": 0}, "note": "no correct samples to train on"}  # fmt: skip
+            source, extra = self._rsft_source(folder)
+        elif stage == "distill":
+            source, extra = self._distill_source(folder)
         else:
             source = self.datasets() / self.recipe.data.train_split / "sft.jsonl"
+        if source.stat().st_size == 0:
+            # Nothing to train on would fail deep inside ms-swift: say so and pass the model on.
+            self.log(f"{stage}: no rows to train on; the model passes through")
+            return {"inputs": {"model": str(model), "dataset": str(source)}, "model": os.path.relpath(model, folder),
+                    "metrics": {"rows": 0, **extra}, "note": "no rows to train on"}  # fmt: skip
         options = {**self._common_options(), **self._schedule_options(s)}
         options["dataset"] = self._dataset(source, folder, s.limit)
-        return self._train("sft", stage, model, folder, options)
+        fields = self._train("sft", stage, model, folder, options)
+        if extra and "metrics" in fields:
+            fields["metrics"] = {**fields["metrics"], **extra}
+        return fields
+
+    def _rsft_source(self, folder: Path) -> tuple[Path, dict[str, Any]]:
+        """Stage 2a's rule selection, or the reward model's pick among the same samples."""
+        source = self.folder("sample") / "sft.jsonl"
+        if not source.is_file():
+            self._stage_model("sample")  # downloads the sample stage's folder when it ran elsewhere
+        if self.recipe.stages.rsft.selection == "rule":
+            return source, {}
+        from teleguard.train.preferences import RewardModel, rank_by_reward_model
+        from teleguard.train.sampling import read_rows, write_jsonl
+
+        reward_model = RewardModel(self.side_model("rm"), max_length=self.recipe.common.max_length)
+        kept, report = rank_by_reward_model(read_rows(self.folder("sample") / "samples.jsonl"), reward_model)
+        target = folder / "rm-selection.jsonl"
+        write_jsonl(target, kept)
+        self.log(f"rsft: the reward model picked {report['kept']} responses ({report})")
+        return target, {"rm_selection": report}
+
+    def _distill_source(self, folder: Path) -> tuple[Path, dict[str, Any]]:
+        """Teacher rationales for the training prompts, as student SFT rows."""
+        from teleguard.engines import SwiftEngine
+        from teleguard.train.distill import distill_rows
+        from teleguard.train.sampling import read_rows, write_jsonl
+
+        d = self.recipe.stages.distill
+        assert d.teacher is not None  # the recipe's validation makes sure
+        teacher = self.teacher_model()
+        rows = read_rows(self.datasets() / self.recipe.data.train_split / "grpo.jsonl", d.rows)
+        engine = SwiftEngine(
+            teacher,
+            kind=d.engine,
+            model_type=d.teacher.model_type or self.recipe.model.model_type,
+            template=d.teacher.template or self.recipe.model.template,
+            media_root=self.datasets() if self.recipe.data.modality == "audio" else None,
+            max_batch_size=d.batch_size,
+        )
+        from teleguard.engines import SamplingParams
+
+        params = SamplingParams(n=1, temperature=d.temperature, max_tokens=d.max_tokens, seed=self.recipe.common.seed)
+        kept, report = distill_rows(engine, rows, params, batch_size=d.batch_size, max_chars=d.max_rationale_chars)
+        target = folder / "rationales.jsonl"
+        write_jsonl(target, kept)
+        self.log(f"distill: {report['kept']} of {report['prompts']} rationales kept")
+        return target, {"rationales": report, "teacher": str(teacher)}
+
+    def teacher_model(self) -> Path:
+        """The distill stage's teacher folder, built tiny on the spot when so configured."""
+        teacher = self.recipe.stages.distill.teacher
+        if teacher is None:
+            raise ValueError("stages.distill has no teacher")
+        path = self._fetch(teacher.path)
+        if not path.exists():
+            if teacher.build_tiny is None:
+                raise FileNotFoundError(f"teacher {teacher.path} does not exist (and no build_tiny is set)")
+            self._build_tiny(path, teacher.build_tiny)
+        return path
 
     def _run_grpo(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
         s: GrpoStage = getattr(self.recipe.stages, stage)
@@ -399,18 +499,127 @@ class Runner:
                 vllm_tensor_parallel_size=s.vllm.tensor_parallel_size,
             )
         options.update(s.extra)
-        return self._train("rlhf", stage, model, folder, options)
+        environ: dict[str, str] = {}
+        if "fraud_classifier" in s.reward_funcs:
+            from teleguard.train.classifier import CLASSIFIER_ENV
+
+            environ[CLASSIFIER_ENV] = str(self.side_model("classifier"))
+        if s.judge is None:
+            return self._train("rlhf", stage, model, folder, options, environ)
+        with self._judge(s, model, folder) as judge_config:
+            from teleguard.judge import read_stats
+
+            environ.update(judge_config.to_env())
+            fields = self._train("rlhf", stage, model, folder, options, environ)
+        stats_dir = judge_config.resolved_stats_dir()
+        if stats_dir and "metrics" in fields:
+            fields["metrics"] = {**fields["metrics"], "judge": read_stats(stats_dir)}
+        return fields
+
+    @contextlib.contextmanager
+    def _judge(self, s: GrpoStage, model: Path, folder: Path) -> Iterator[Any]:
+        """The judge's settings for the stage: its endpoint, or a `swift deploy` on loopback while it trains.
+        Judgements are cached in the stage folder unless the recipe names a cache."""
+        assert s.judge is not None
+        cache = str(folder / "judge-cache")
+        serve = s.judge.serve
+        if serve is None:
+            yield s.judge.judge_config(cache=cache)
+            return
+        from teleguard.judge import local_judge_server
+
+        judge_model = model if serve.model == "start" else self._fetch(serve.model)
+        served = s.judge.endpoint.get("model", "judge")
+        with local_judge_server(
+            judge_model,
+            serve.model_type or self.recipe.model.model_type,
+            serve.template or self.recipe.model.template,
+            served_model_name=served,
+            log_path=folder / "judge-server.log",
+        ) as base_url:
+            self.log(f"{s.__class__.__name__}: judge {judge_model} served at {base_url}")
+            yield s.judge.judge_config(base_url, cache=cache)
+
+    def _preference_pairs(self, stage: str, folder: Path) -> tuple[Path, dict[str, Any]]:
+        from teleguard.train.preferences import write_pairs
+
+        samples = self.folder("sample") / "samples.jsonl"
+        if not samples.is_file():
+            self._stage_model("sample")
+        target = folder / "pairs.jsonl"
+        report = write_pairs(samples, target, length_ratio=getattr(self.recipe.stages, stage).length_ratio)
+        self.log(f"{stage}: {report['pairs']} preference pairs from {report['prompts']} prompts")
+        return target, report
+
+    def _run_rm(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
+        """A reward model (`swift rlhf --rlhf_type rm`) on the preference pairs, initialised from the policy."""
+        return self._run_preference(stage, model, folder, rlhf_type="rm")
+
+    def _run_dpo(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
+        return self._run_preference(stage, model, folder, rlhf_type="dpo", beta=self.recipe.stages.dpo.beta)
+
+    def _run_preference(self, stage: str, model: Path, folder: Path, **rlhf: Any) -> dict[str, Any]:
+        pairs, report = self._preference_pairs(stage, folder)
+        if report["pairs"] == 0:
+            raise RuntimeError(
+                f"{stage}: the sampled responses gave no preference pair ({report}); sample more responses per "
+                "prompt or more prompts (stages.sample)"
+            )
+        s = getattr(self.recipe.stages, stage)
+        options = {**self._common_options(), **self._schedule_options(s), **rlhf}
+        options["dataset"] = self._dataset(pairs, folder, s.limit)
+        fields = self._train("rlhf", stage, model, folder, options)
+        if "metrics" in fields:
+            fields["metrics"] = {**fields["metrics"], "pairs": report}
+        return fields
+
+    def _run_ppo(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
+        """PPO against the reward model; the mean KL is checked against the target afterwards."""
+        s = self.recipe.stages.ppo
+        reward_model = self.side_model("rm")
+        source = self.datasets() / self.recipe.data.train_split / f"{s.dataset}.jsonl"
+        options = {**self._common_options(), **self._schedule_options(s)}
+        options.update(
+            rlhf_type="ppo",
+            dataset=self._dataset(source, folder, s.limit),
+            reward_model=reward_model,
+            reward_model_type=self.recipe.model.model_type,
+            reward_template=self.recipe.model.template,
+            kl_coef=s.kl_coef,
+            temperature=s.temperature,
+            max_completion_length=s.max_completion_length,
+        )
+        options.update(s.extra)
+        fields = self._train("rlhf", stage, model, folder, options)
+        if "metrics" in fields:
+            kl = mean_logged(folder / TRAIN_DIR, "objective/kl")
+            fields["metrics"] = {
+                **fields["metrics"],
+                "mean_kl": kl,
+                "target_kl": s.target_kl,
+                "kl_within_target": None if kl is None or s.target_kl is None else kl <= s.target_kl,
+            }
+        return fields
 
     def _run_sample(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
         from teleguard.engines import recipe_engine
-        from teleguard.train.sampling import read_rows, rejection_sample, sampling_params
+        from teleguard.train.sampling import (
+            generate_samples,
+            read_rows,
+            sampling_params,
+            write_jsonl,
+            write_selection,
+        )
 
         s = self.recipe.stages.sample
         source = self.datasets() / self.recipe.data.train_split / "grpo.jsonl"
         rows = read_rows(source, s.limit)
         engine = recipe_engine(self.recipe, model, self.datasets(), kind=s.engine, batch_size=s.batch_size)
         params = sampling_params(s)
-        report = rejection_sample(engine, rows, params, folder, batch_size=s.batch_size)
+        samples = generate_samples(engine, rows, params, s.batch_size)
+        # every sample is kept too: preference pairs and reward-model ranking choose among them
+        write_jsonl(folder / "samples.jsonl", ({**r, "samples": o} for r, o in zip(rows, samples, strict=True)))
+        report = write_selection(rows, samples, folder)
         self.log(
             f"sample: kept {report['kept']} of {report['prompts']} prompts ({report['unsolved']} unsolved)"
         )
@@ -440,6 +649,16 @@ def training_finished(train_dir: Path) -> bool:
     """ms-swift logs a summary with train_runtime only when training ran to its end."""
     log = train_dir / "logging.jsonl"
     return log.is_file() and any('"train_runtime"' in line for line in log.read_text("utf-8").splitlines())
+
+
+def mean_logged(train_dir: Path, key: str) -> float | None:
+    """The mean of one logged training value over the steps that logged it."""
+    log = train_dir / "logging.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text("utf-8").splitlines() if line.strip()]
+    values = [float(r[key]) for r in rows if key in r]
+    return sum(values) / len(values) if values else None
 
 
 def train_metrics(train_dir: Path) -> dict[str, Any]:

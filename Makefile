@@ -16,7 +16,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
-.PHONY: setup system-packages demo cpu-recipe test lint format bench clean
+SEED_RECIPES := teacher-judge classifier-reward distill-cascade rm-dpo
+.PHONY: $(addprefix recipe-,$(SEED_RECIPES)) setup system-packages demo cpu-recipe test lint format bench clean
 
 setup: system-packages $(STAMP) $(CHECKOV_STAMP)
 
@@ -55,6 +56,10 @@ cpu-recipe: setup
 	$(BIN)/teleguard data build runs/data/splits --out runs/data/text --prompts recipes/safe-qaq/prompts-cpu-zh.yaml --max-transcript-chars 160 --evidence-chars 60
 	$(BIN)/teleguard train all --config $(RECIPE)
 	$(BIN)/teleguard evaluate --config $(RECIPE)
+
+# The seed systems as recipes: each its own pipeline on KFP's local runner (recipes/<name>/pipeline-cpu.yaml).
+$(addprefix recipe-,$(SEED_RECIPES)): recipe-%: setup
+	$(BIN)/teleguard pipeline run --local --pipeline $* --arg data_uri=$(DATA)
 
 test: setup lint
 	$(BIN)/python -m pytest -q -ra

@@ -24,11 +24,9 @@ def evaluate(
 ) -> str:
     """TeleAntiFraud metrics, real-time metrics and a report comparing the stages; returns the final model's
     figures (JSON) for the quality gate."""
-    import json
-    import shutil
     from pathlib import Path
 
-    from teleguard.pipeline_steps import evaluate_step
+    from teleguard.pipeline_steps import evaluate_step, log_evaluation
 
     models = {"final": Path(final_model.path)}
     if compare_stages:
@@ -39,23 +37,8 @@ def evaluate(
             **models,
         }
     results = evaluate_step(recipe, recipe_overrides, Path(datasets.path), models, Path(details.path))
-    final = results["final"]
-    for task in ("scene", "fraud", "fraud_type"):
-        for key in ("accuracy", "weighted_f1", "macro_f1"):
-            if task in final:
-                metrics.log_metric(f"{task}_{key}", round(final[task][key], 4))
-    metrics.log_metric("well_formed_rate", round(final["well_formed_rate"], 4))
-    metrics.log_metric("mean_think_length", round(final["mean_think_length"], 2))
-    for key in ("stage_accuracy", "early_detection_rate", "false_alarm_rate"):
-        if key in final.get("realtime", {}):
-            metrics.log_metric(key, round(final["realtime"][key], 4))
-    if "fraud" in final:
-        matrix = final["fraud"]["confusion_matrix"]
-        confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
-    shutil.copy(Path(details.path) / "report.html", report.path)
-    shutil.copy(Path(details.path) / "report.md", report_md.path)
-    return json.dumps(
-        {k: final.get(k) for k in ("fraud", "well_formed_rate", "mean_think_length")}, default=str
+    return log_evaluation(
+        results["final"], Path(details.path), metrics, confusion, report.path, report_md.path
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from kfp import compiler
 
@@ -62,21 +63,28 @@ def test_gpu_steps_carry_the_gpu_settings_and_cpu_steps_none(tmp_path: Path) -> 
 
 
 def test_compiled_files_are_in_sync(tmp_path: Path, monkeypatch) -> None:
-    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE, SPEC_FILE, compile_pipelines
+    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE, PIPELINES, SPEC_FILE, compile_pipelines
 
     monkeypatch.delenv("TELEGUARD_TRAINER_IMAGE", raising=False)
     compile_pipelines(tmp_path)
-    for name in (SPEC_FILE, MANIFEST_FILE):
+    names = [SPEC_FILE, MANIFEST_FILE] + [
+        f for i in PIPELINES.values() for f in (i.spec_file, i.manifest_file)
+    ]
+    for name in dict.fromkeys(names):
         # parsed, not as text: the compiler's header comment prints dict defaults in no fixed order
         fresh = list(yaml.safe_load_all((tmp_path / name).read_text("utf-8")))
         committed = list(yaml.safe_load_all((COMPILED_DIR / name).read_text("utf-8")))
         assert fresh == committed, f"pipelines/compiled/{name} is stale: run `teleguard pipeline compile`"
 
 
-def test_pipeline_manifests_validate_against_the_crds() -> None:
-    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE
+@pytest.mark.parametrize(
+    "key", ["safe-qaq", "teacher-judge", "classifier-reward", "distill-cascade", "rm-dpo"]
+)
+def test_pipeline_manifests_validate_against_the_crds(key: str) -> None:
+    from teleguard.pipeline import COMPILED_DIR, pipeline_info
 
-    docs = list(yaml.safe_load_all((COMPILED_DIR / MANIFEST_FILE).read_text("utf-8")))
+    info = pipeline_info(key)
+    docs = list(yaml.safe_load_all((COMPILED_DIR / info.manifest_file).read_text("utf-8")))
     assert [d["kind"] for d in docs] == ["Pipeline", "PipelineVersion"]
     files = {
         "Pipeline": "pipelines.kubeflow.org_pipelines.yaml",
@@ -86,7 +94,32 @@ def test_pipeline_manifests_validate_against_the_crds() -> None:
         assert not crd_errors(doc, files[doc["kind"]])
     version = docs[1]
     assert version["spec"]["pipelineName"] == docs[0]["metadata"]["name"]
-    assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == "teleguard-safe-qaq"
+    assert version["spec"]["pipelineSpec"]["pipelineInfo"]["name"] == info.name() == f"teleguard-{key}"
+
+
+@pytest.mark.parametrize("key", ["teacher-judge", "classifier-reward", "distill-cascade", "rm-dpo"])
+def test_seed_pipelines_put_training_on_the_gpu_pool_and_have_runnable_defaults(
+    key: str, tmp_path: Path
+) -> None:
+    from teleguard.pipeline import pipeline_info
+
+    info = pipeline_info(key)
+    path = tmp_path / info.spec_file
+    compiler.Compiler().compile(info.function(), str(path))
+    spec, platform = list(yaml.safe_load_all(path.read_text("utf-8")))
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    assert {"exec-evaluate-recipe", "exec-export-model"} <= gpu
+    for name in gpu:
+        assert k8s[name]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert k8s[name]["tolerations"] and k8s[name]["nodeSelector"]
+    for name in set(executors) - gpu:
+        assert not {"nodeSelector", "tolerations"} & set(k8s[name]), name
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert all("defaultValue" in p or p.get("isOptional") for p in params.values())
+    recipe = params["recipe"]["defaultValue"].removeprefix("/opt/teleguard/")
+    assert (Path(__file__).resolve().parents[1] / recipe).is_file()  # the trainer image ships it
 
 
 def test_kfp_launcher_configmap_points_at_minio_with_secret_credentials() -> None:

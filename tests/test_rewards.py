@@ -45,6 +45,7 @@ def test_registry_has_exactly_the_safe_qaq_names() -> None:
         "think_length_penalty_300",
         "think_length_penalty_500",
         "teacher_judge",
+        "fraud_classifier",
     }
     assert REWARDS["new_adaptive_classification"] is REWARDS["adaptive_classification"]
 

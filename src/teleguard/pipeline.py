@@ -1,16 +1,19 @@
-"""Compiling, running and submitting the SAFE-QAQ pipeline.
+"""Compiling, running and submitting the SAFE-QAQ pipeline and the seed-recipe variants (`PIPELINES`).
 
-- `compile_pipelines(folder)`: the pipeline spec to upload in the Kubeflow UI (`safe_qaq.yaml`) and the same
-  pipeline as Kubernetes Pipeline / PipelineVersion resources for GitOps (`safe_qaq.k8s.yaml`).
+- `compile_pipelines(folder)`: each pipeline's spec to upload in the Kubeflow UI (`safe_qaq.yaml`, ...) and the
+  same pipeline as Kubernetes Pipeline / PipelineVersion resources for GitOps (`safe_qaq.k8s.yaml`, ...).
 - `run_local(arguments, root)`: the whole pipeline with KFP's local runner (the main job on this machine).
 - `submit(host, arguments)`: upload the compiled spec (or a new version of it) and start a run on a cluster.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from teleguard import __version__
 
@@ -18,34 +21,83 @@ COMPILED_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "compiled"
 SPEC_FILE, MANIFEST_FILE = "safe_qaq.yaml", "safe_qaq.k8s.yaml"
 
 
-def pipeline_version_name() -> str:
-    return f"teleguard-safe-qaq-v{__version__.replace('.', '-')}"
+@dataclass(frozen=True)
+class PipelineInfo:
+    module: str  # under teleguard.pipelines; the pipeline function has the module's name
+    title: str
+
+    def function(self) -> Any:
+        return getattr(importlib.import_module(f"teleguard.pipelines.{self.module}"), self.module)
+
+    def name(self) -> str:
+        return str(importlib.import_module(f"teleguard.pipelines.{self.module}").PIPELINE_NAME)
+
+    def steps(self) -> dict[str, str]:
+        return dict(importlib.import_module(f"teleguard.pipelines.{self.module}").STEPS)
+
+    @property
+    def spec_file(self) -> str:
+        return f"{self.module}.yaml"
+
+    @property
+    def manifest_file(self) -> str:
+        return f"{self.module}.k8s.yaml"
 
 
-def compile_pipelines(folder: Path) -> list[Path]:
+PIPELINES: dict[str, PipelineInfo] = {
+    "safe-qaq": PipelineInfo("safe_qaq", "teleguard SAFE-QAQ"),
+    "teacher-judge": PipelineInfo("teacher_judge", "teleguard seed 001: rule + teacher-judge rewards"),
+    "classifier-reward": PipelineInfo("classifier_reward", "teleguard seed 002: fraud-classifier reward"),
+    "distill-cascade": PipelineInfo(
+        "distill_cascade", "teleguard seed 003: rationale distillation + cascade"
+    ),
+    "rm-dpo": PipelineInfo("rm_dpo", "teleguard seed 004: reward model, DPO, RM-ranked RSFT and PPO"),
+}
+
+
+def pipeline_info(key: str) -> PipelineInfo:
+    if key not in PIPELINES:
+        raise ValueError(f"unknown pipeline {key!r}; pipelines: {', '.join(PIPELINES)}")
+    return PIPELINES[key]
+
+
+def pipeline_version_name(key: str = "safe-qaq") -> str:
+    return f"teleguard-{key}-v{__version__.replace('.', '-')}"
+
+
+def compile_pipelines(folder: Path, keys: list[str] | None = None) -> list[Path]:
     from kfp import compiler
     from kfp.compiler import KubernetesManifestOptions
 
     # The image is part of the compiled spec: compile with the released name unless one is asked for.
     os.environ.setdefault("TELEGUARD_TRAINER_IMAGE", f"ghcr.io/teleguard/teleguard-trainer:{__version__}")
-    from teleguard.pipelines.safe_qaq import PIPELINE_NAME, safe_qaq
-
     folder.mkdir(parents=True, exist_ok=True)
-    spec, manifest = folder / SPEC_FILE, folder / MANIFEST_FILE
-    compiler.Compiler().compile(safe_qaq, str(spec))
-    options = KubernetesManifestOptions(
-        pipeline_name=PIPELINE_NAME,
-        pipeline_display_name="teleguard SAFE-QAQ",
-        pipeline_version_name=pipeline_version_name(),
-        include_pipeline_manifest=True,
-    )
-    compiler.Compiler().compile(
-        safe_qaq, str(manifest), kubernetes_manifest_format=True, kubernetes_manifest_options=options
-    )
-    return [spec, manifest]
+    written = []
+    for key in keys or list(PIPELINES):
+        info = pipeline_info(key)
+        function = info.function()
+        spec, manifest = folder / info.spec_file, folder / info.manifest_file
+        compiler.Compiler().compile(function, str(spec))
+        options = KubernetesManifestOptions(
+            pipeline_name=info.name(),
+            pipeline_display_name=info.title,
+            pipeline_version_name=pipeline_version_name(key),
+            include_pipeline_manifest=True,
+        )
+        compiler.Compiler().compile(
+            function, str(manifest), kubernetes_manifest_format=True, kubernetes_manifest_options=options
+        )
+        written += [spec, manifest]
+    return written
 
 
-def run_local(arguments: dict[str, object], pipeline_root: Path, upload_uri: str | None = None) -> Path:
+def run_local(
+    arguments: dict[str, object],
+    pipeline_root: Path,
+    upload_uri: str | None = None,
+    *,
+    pipeline: str = "safe-qaq",
+) -> Path:
     """Run the whole pipeline with KFP's local runner in this Python environment (no Docker, no cluster).
 
     Kubernetes settings (GPU pool, shm, tolerations) are ignored locally. Returns the run's folder under
@@ -56,14 +108,18 @@ def run_local(arguments: dict[str, object], pipeline_root: Path, upload_uri: str
     from kfp import local
 
     from teleguard.pipeline_arguments import localize
-    from teleguard.pipelines.safe_qaq import safe_qaq
 
+    function = pipeline_info(pipeline).function()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.iterdir())
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
     )
-    safe_qaq(**localize(arguments))
+    os.environ["TELEGUARD_LOCAL_RUN"] = "1"  # no retries with backoff: a local failure fails at once
+    try:
+        function(**localize(arguments))
+    finally:
+        os.environ.pop("TELEGUARD_LOCAL_RUN", None)
     [run_dir] = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
     if upload_uri:
         from teleguard.storage import put_dir
@@ -96,6 +152,7 @@ def submit(
     namespace: str | None = None,
     token: str | None = None,
     spec: Path | None = None,
+    pipeline: str = "safe-qaq",
 ) -> str:
     """Start a run of the compiled pipeline in an experiment; returns the run id.
 
@@ -107,10 +164,10 @@ def submit(
 
     import kfp
 
-    from teleguard.pipelines.safe_qaq import PIPELINE_NAME
-
-    spec = spec or COMPILED_DIR / SPEC_FILE
-    version_name = f"{pipeline_version_name()}-{hashlib.sha256(spec.read_bytes()).hexdigest()[:10]}"
+    info = pipeline_info(pipeline)
+    PIPELINE_NAME = info.name()
+    spec = spec or COMPILED_DIR / info.spec_file
+    version_name = f"{pipeline_version_name(pipeline)}-{hashlib.sha256(spec.read_bytes()).hexdigest()[:10]}"
     client = kfp.Client(
         host=host, existing_token=token or kubeconfig_token(), namespace=namespace or "kubeflow"
     )
@@ -118,7 +175,7 @@ def submit(
     version_id = None
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(
-            str(spec), pipeline_name=PIPELINE_NAME, description="teleguard SAFE-QAQ"
+            str(spec), pipeline_name=PIPELINE_NAME, description=info.title
         ).pipeline_id
         [version] = client.list_pipeline_versions(pipeline_id).pipeline_versions
         version_id = version.pipeline_version_id

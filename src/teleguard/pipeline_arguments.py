@@ -15,17 +15,24 @@ from typing import Any
 from teleguard.yaml_files import read_mapping
 
 # Parameters that name files on this machine: made absolute for a local run, whose steps run as subprocesses.
-LOCAL_PATH_PARAMETERS = ("data_uri", "recipe", "prompts", "registry_uri", "base_model_uri")
+LOCAL_PATH_PARAMETERS = (
+    "data_uri",
+    "recipe",
+    "prompts",
+    "registry_uri",
+    "base_model_uri",
+    "teacher_model_uri",
+)
 
 
 class PipelineArgumentsError(ValueError):
     """An arguments file or override that does not fit the pipeline's parameters."""
 
 
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from teleguard.pipelines.safe_qaq import safe_qaq
+def pipeline_parameters(pipeline: str = "safe-qaq") -> dict[str, inspect.Parameter]:
+    from teleguard.pipeline import pipeline_info
 
-    return dict(inspect.signature(safe_qaq.pipeline_func).parameters)
+    return dict(inspect.signature(pipeline_info(pipeline).function().pipeline_func).parameters)
 
 
 def _type_fits(value: Any, annotation: Any) -> bool:
@@ -38,9 +45,9 @@ def _type_fits(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def check_arguments(arguments: dict[str, Any], where: str) -> dict[str, Any]:
+def check_arguments(arguments: dict[str, Any], where: str, pipeline: str = "safe-qaq") -> dict[str, Any]:
     """Every name is a pipeline parameter and every value has its type; ints are widened to floats."""
-    params = pipeline_parameters()
+    params = pipeline_parameters(pipeline)
     problems = []
     checked = {}
     for name, value in arguments.items():
@@ -61,14 +68,16 @@ def check_arguments(arguments: dict[str, Any], where: str) -> dict[str, Any]:
     return checked
 
 
-def load_arguments(path: Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The file's arguments (if any) with the overrides on top; both checked."""
+def load_arguments(
+    path: Path | None, overrides: dict[str, Any] | None = None, pipeline: str = "safe-qaq"
+) -> dict[str, Any]:
+    """The file's arguments (if any) with the overrides on top; both checked against `pipeline`'s parameters."""
     arguments = {}
     if path is not None:
         arguments = check_arguments(
-            read_mapping(path, "pipeline arguments file", PipelineArgumentsError), str(path)
+            read_mapping(path, "pipeline arguments file", PipelineArgumentsError), str(path), pipeline
         )
-    return {**arguments, **check_arguments(overrides or {}, "--arg")}
+    return {**arguments, **check_arguments(overrides or {}, "--arg", pipeline)}
 
 
 def localize(arguments: dict[str, Any]) -> dict[str, Any]:

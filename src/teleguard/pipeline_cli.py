@@ -1,4 +1,4 @@
-"""`teleguard pipeline ...`: compile the SAFE-QAQ pipeline, run it locally, submit it to a cluster."""
+"""`teleguard pipeline ...`: compile the pipelines (SAFE-QAQ and the seed recipes), run one locally, submit one."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="The SAFE-QAQ Kubeflow pipeline.", no_args_is_help=True)
+app = typer.Typer(help="The Kubeflow pipelines: SAFE-QAQ and the seed recipes.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-CPU_ARGUMENTS = Path("recipes/safe-qaq/pipeline-cpu.yaml")
-ArgsFile = Annotated[Path | None, typer.Option("--args", help="YAML file of pipeline arguments")]
+REPO_RECIPES = Path("recipes")  # run --local without --args: recipes/<pipeline>/pipeline-cpu.yaml
+ArgsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--args", help="YAML file of pipeline arguments (run --local: recipes/<pipeline>/pipeline-cpu.yaml)"
+    ),
+]
+PipelineName = Annotated[
+    str, typer.Option(help="safe-qaq, teacher-judge, classifier-reward, distill-cascade or rm-dpo")
+]
 ArgItems = Annotated[
     list[str] | None, typer.Option("--arg", help="a pipeline argument, name=value (YAML value); repeatable")
 ]
@@ -30,13 +38,25 @@ def compile_command(
         console.print(f"wrote {path}")
 
 
-def arguments_or_exit(args_file: Path | None, items: list[str] | None) -> dict[str, Any]:
+def pipeline_or_exit(key: str) -> Any:
+    from teleguard.pipeline import pipeline_info
+
+    try:
+        return pipeline_info(key)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def arguments_or_exit(
+    args_file: Path | None, items: list[str] | None, pipeline: str = "safe-qaq"
+) -> dict[str, Any]:
     """The checked pipeline arguments, or exit 2 naming the file (or --arg) and the parameter."""
     from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments
     from teleguard.train.cli import parse_overrides
 
     try:
-        return load_arguments(args_file, parse_overrides(items or []))
+        return load_arguments(args_file, parse_overrides(items or []), pipeline)
     except PipelineArgumentsError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
@@ -47,14 +67,16 @@ def run_command(
     local: Annotated[
         bool, typer.Option("--local", help="run with KFP's local runner on this machine")
     ] = False,
-    args_file: ArgsFile = CPU_ARGUMENTS,
+    args_file: ArgsFile = None,
     arg: ArgItems = None,
+    pipeline: PipelineName = "safe-qaq",
     root: Annotated[Path, typer.Option(help="local pipeline root (artifacts)")] = Path("runs/pipeline"),
     upload: Annotated[
         str | None, typer.Option(help="s3:// or minio:// prefix that gets a copy of the run's artifacts")
     ] = None,
     serve: Annotated[
-        bool, typer.Option(help="at the end, serve the trained model and replay held-out calls through it")
+        bool,
+        typer.Option(help="at the end, serve the registered model and replay held-out calls through it"),
     ] = True,
 ) -> None:
     """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it."""
@@ -64,11 +86,15 @@ def run_command(
     if not local:
         err_console.print("only --local runs here; `teleguard pipeline submit --host URL` runs on a cluster")
         raise typer.Exit(2)
-    arguments = arguments_or_exit(args_file, arg)
-    run_dir = run_local(arguments, root.resolve(), upload_uri=upload)
-    summary = summarize_run(run_dir)
-    print_summary(summary)
-    if serve:
+    from teleguard.pipeline import pipeline_info
+
+    info = pipeline_or_exit(pipeline)
+    args_file = args_file or REPO_RECIPES / pipeline / "pipeline-cpu.yaml"
+    arguments = arguments_or_exit(args_file, arg, pipeline)
+    run_dir = run_local(arguments, root.resolve(), upload_uri=upload, pipeline=pipeline)
+    summary = summarize_run(run_dir, pipeline_info(pipeline).steps())
+    print_summary(summary, title=info.title)
+    if serve and summary["registered"]:
         from teleguard.demo_serving import demo_from_run
 
         demo_from_run(summary, arguments, console=console)
@@ -81,6 +107,7 @@ def submit_command(
     host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")],
     args_file: ArgsFile = None,
     arg: ArgItems = None,
+    pipeline: PipelineName = "safe-qaq",
     experiment: str = "teleguard",
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
 ) -> None:
@@ -88,5 +115,7 @@ def submit_command(
     else the kubeconfig's."""
     from teleguard.pipeline import submit
 
-    run_id = submit(host, arguments_or_exit(args_file, arg), experiment=experiment, namespace=namespace)
+    pipeline_or_exit(pipeline)
+    arguments = arguments_or_exit(args_file, arg, pipeline)
+    run_id = submit(host, arguments, experiment=experiment, namespace=namespace, pipeline=pipeline)
     console.print(f"run {run_id} started in experiment {experiment!r}")

@@ -147,8 +147,13 @@ def train_stage_step(
     out_model: Path,
     *,
     selection: Path | None = None,
+    inputs: dict[str, Path] | None = None,
+    side_models: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Run one training stage (or pass the model through when switched off); its model goes to `out_model`."""
+    """Run one training stage (or pass the model through when switched off); its model goes to `out_model`.
+
+    `inputs` ({"sample": folder}) are earlier steps' outputs the stage reads from its run folder; `side_models`
+    ({"rm": folder, "classifier": folder}) the side-stage models it uses."""
     if not enabled:
         copy_tree(start_model, out_model)
         return {"skipped": True}
@@ -160,7 +165,9 @@ def train_stage_step(
         )
         if selection is not None:  # RSFT trains on what the selection step kept
             copy_tree(selection, Path(tmp) / "sample")
-        result = Runner(cfg, log=print).run(stage, start_model=start_model)
+        for name, folder in (inputs or {}).items():
+            copy_tree(folder, Path(tmp) / name)
+        result = Runner(cfg, log=print, side_models=side_models).run(stage, start_model=start_model)
         copy_tree(result.model, out_model)
         (out_model / "stage-manifest.json").write_text(
             json.dumps(result.manifest, indent=2, default=str), "utf-8"
@@ -299,6 +306,115 @@ def evaluate_step(
         engines, rows, out_report, max_tokens=e.max_tokens, batch_size=e.batch_size, alert_threshold=e.alert_threshold,
         title=f"{cfg.name}: evaluation on {cfg.data.eval_split}", eval_sets=sets,
     )  # fmt: skip
+
+
+def read_predictions(path: Path) -> list[Any]:
+    from teleguard.evaluate.metrics import RoundPrediction
+
+    with path.open(encoding="utf-8") as f:
+        return [RoundPrediction(**json.loads(line)) for line in f if line.strip()]
+
+
+def evaluate_recipe_step(
+    recipe: str,
+    overrides: dict[str, Any],
+    datasets: Path,
+    models: dict[str, Path],
+    out_report: Path,
+    *,
+    classifier: Path | None = None,
+    cascade: tuple[str, str, float] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`evaluate_step`, plus what a seed recipe adds to its report:
+
+    - `classifier`: the fraud-classifier reward's mean and spread for each model's answers (before/after RL);
+    - `cascade` (small, large, threshold): escalation rate and accuracy with and without the confidence cascade.
+    """
+    results = evaluate_step(recipe, overrides, datasets, models, out_report)
+    sections: list[str] = []
+    if classifier is not None:
+        from teleguard.train.classifier import classifier_reward_stats, reward_stats_markdown
+
+        stats = {
+            name: classifier_reward_stats(
+                classifier, read_predictions(out_report / f"predictions-{name}.jsonl")
+            )
+            for name in models
+        }
+        for name, value in stats.items():
+            results[name]["classifier_reward"] = value
+        (out_report / "classifier-reward.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
+        sections.append("## Fraud-classifier reward per model\n\n" + reward_stats_markdown(stats))
+    if cascade is not None:
+        from teleguard.evaluate.cascade import cascade_markdown, evaluate_cascade, write_cascade_report
+
+        small, large, threshold = cascade
+        result = evaluate_cascade(
+            read_predictions(out_report / f"predictions-{small}.jsonl"),
+            read_predictions(out_report / f"predictions-{large}.jsonl"),
+            threshold,
+        )
+        write_cascade_report(result, out_report)
+        results[small]["cascade"] = {
+            k: result[k] for k in ("threshold", "n_rows", "n_escalated", "escalation_rate")
+        }
+        results[small]["cascade"]["by_task"] = result["by_task"]
+        sections.append(cascade_markdown(result))
+    if sections:
+        with (out_report / "report.md").open("a", encoding="utf-8") as f:
+            f.write("\n" + "\n\n".join(sections) + "\n")
+        (out_report / "metrics.json").write_text(json.dumps(results, indent=2, default=str) + "\n", "utf-8")
+    return results
+
+
+def log_evaluation(
+    final: dict[str, Any], details: Path, metrics: Any, confusion: Any, report_html: str, report_md: str
+) -> str:
+    """The final model's figures as KFP Metrics and ClassificationMetrics, the reports as HTML and Markdown
+    artifacts; returns the figures the quality gate reads (JSON)."""
+    for task in ("scene", "fraud", "fraud_type"):
+        for key in ("accuracy", "weighted_f1", "macro_f1"):
+            if task in final:
+                metrics.log_metric(f"{task}_{key}", round(final[task][key], 4))
+    metrics.log_metric("well_formed_rate", round(final["well_formed_rate"], 4))
+    metrics.log_metric("mean_think_length", round(final["mean_think_length"], 2))
+    for key in ("stage_accuracy", "early_detection_rate", "false_alarm_rate"):
+        if key in final.get("realtime", {}):
+            metrics.log_metric(key, round(final["realtime"][key], 4))
+    for name, result in final.get("eval_sets", {}).items():
+        if "fraud" in result:
+            metrics.log_metric(f"{name}_fraud_accuracy", round(result["fraud"]["accuracy"], 4))
+    if (final.get("classifier_reward") or {}).get("mean") is not None:
+        metrics.log_metric("classifier_reward_mean", round(final["classifier_reward"]["mean"], 4))
+    if "cascade" in final:
+        metrics.log_metric("cascade_escalation_rate", round(final["cascade"]["escalation_rate"], 4))
+    if "fraud" in final:
+        matrix = final["fraud"]["confusion_matrix"]
+        confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
+    shutil.copy(details / "report.html", report_html)
+    shutil.copy(details / "report.md", report_md)
+    return json.dumps(
+        {k: final.get(k) for k in ("fraud", "well_formed_rate", "mean_think_length")}, default=str
+    )
+
+
+def teacher_model_step(
+    recipe: str, overrides: dict[str, Any], teacher_model_uri: str, datasets: Path, out_model: Path
+) -> None:
+    """The distillation teacher: a model URI, or the recipe's teacher (built tiny when so configured)."""
+    from teleguard.storage import local_copy
+    from teleguard.train.stages import Runner
+
+    if teacher_model_uri:
+        source = local_copy(teacher_model_uri) if "://" in teacher_model_uri else Path(teacher_model_uri)
+        copy_tree(source, out_model)
+        return
+    with tempfile.TemporaryDirectory(prefix="teleguard-teacher-") as tmp:
+        cfg = step_recipe(
+            recipe, {**overrides, "stages.distill.teacher.path": str(Path(tmp) / "teacher")},
+            datasets=str(datasets), output_dir=tmp,
+        )  # fmt: skip
+        copy_tree(Runner(cfg, log=print).teacher_model(), out_model)
 
 
 def quality_gate(result: dict[str, Any], min_fraud_accuracy: float, min_well_formed: float) -> bool:

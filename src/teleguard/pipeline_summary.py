@@ -73,14 +73,17 @@ def _figures(step: str, out: Any) -> str:
     return ", ".join(f"{label} {_number(out[key])}" for key, label in TRAINING_FIGURES.items() if key in out)
 
 
-def summarize_run(run_dir: Path) -> dict[str, Any]:
-    """The run's steps, the evaluation of each compared model, the gate's verdict and where things are."""
+def summarize_run(run_dir: Path, pipeline_steps: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's steps (SAFE-QAQ's unless given), the evaluation of each compared model, the gate's verdict and
+    where things are."""
     steps = []
-    for step, what in STEPS.items():
+    pipeline_steps = pipeline_steps or STEPS
+    evaluate = next((s for s in pipeline_steps if s.startswith("evaluate")), "evaluate")
+    for step, what in pipeline_steps.items():
         ran = (run_dir / step).is_dir()
         out = step_output(run_dir, step)
         steps.append({"step": step, "what": what, "ran": ran, "figures": _figures(step, out) if ran else ""})
-    metrics_file = run_dir / "evaluate" / "details" / "metrics.json"
+    metrics_file = run_dir / evaluate / "details" / "metrics.json"
     evaluation = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else {}
     summary = {
         "run": str(run_dir),
@@ -94,21 +97,25 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             }
             for model, m in evaluation.items()
         },
+        "eval_sets": {
+            model: {name: r.get("fraud", {}).get("accuracy") for name, r in m.get("eval_sets", {}).items()}
+            for model, m in evaluation.items()
+        },
         "gate_passed": step_output(run_dir, "quality-gate"),
         "registered": step_output(run_dir, "register-model"),
-        "report": str(run_dir / "evaluate" / "details" / "report.md") if evaluation else None,
-        "report_html": str(run_dir / "evaluate" / "report") if evaluation else None,
+        "report": str(run_dir / evaluate / "details" / "report.md") if evaluation else None,
+        "report_html": str(run_dir / evaluate / "report") if evaluation else None,
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     return summary
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    steps = Table(title="SAFE-QAQ pipeline (KFP local runner)", title_justify="left")
+    steps = Table(title=f"{title} (KFP local runner)", title_justify="left")
     for column in ("step", "what", "", "figures"):
         steps.add_column(column, overflow="fold")
     for s in summary["steps"]:
@@ -120,6 +127,16 @@ def print_summary(summary: dict[str, Any]) -> None:
             table.add_column(column, justify="right" if column != "model" else "left")
         for model, m in summary["evaluation"].items():
             table.add_row(model, *(_number(v) if v is not None else "-" for v in m.values()))
+        console.print(table)
+    sets = {name for per_model in summary.get("eval_sets", {}).values() for name in per_model}
+    if sets:
+        table = Table(title="fraud accuracy on the gold and red-team sets", title_justify="left")
+        models = list(summary["eval_sets"])
+        for column in ("set", *models):
+            table.add_column(column, justify="right" if column != "set" else "left")
+        for name in sorted(sets):
+            values = [summary["eval_sets"][m].get(name) for m in models]
+            table.add_row(name, *(_number(v) if v is not None else "-" for v in values))
         console.print(table)
     verdict = {True: "[green]passed[/]", False: "[red]failed[/]"}.get(summary["gate_passed"], "not reached")
     console.print(f"quality gate: {verdict}")

@@ -303,4 +303,6 @@ REWARDS: dict[str, RewardFn] = {
         "think_length_penalty_500", partial(think_length_penalty, start=500, max_penalty=7.0)
     ),
     "teacher_judge": _lazy_reward("teacher_judge", "teleguard.judge"),  # LLM judge x 5.0, see teleguard.judge
+    # P(gold verdict | reasoning) x 5.0 on is_fraud rows, from TELEGUARD_CLASSIFIER_MODEL; see train.classifier
+    "fraud_classifier": _lazy_reward("fraud_classifier", "teleguard.train.classifier"),
 }

@@ -146,7 +146,9 @@ class DistillStage(Schedule):
     max_tokens: int = Field(default=1024, ge=8)
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_rationale_chars: int = Field(default=2000, ge=20)
-    rows: int | None = Field(default=None, ge=1, description="teacher rationales for the first N training prompts")
+    rows: int | None = Field(
+        default=None, ge=1, description="teacher rationales for the first N training prompts"
+    )
     batch_size: int = Field(default=16, ge=1)
 
 
@@ -329,12 +331,14 @@ class Recipe(_Config):
                 raise ValueError("common.torch_dtype must be float32 when device is cpu")
             if self.common.deepspeed is not None:
                 raise ValueError("common.deepspeed needs GPUs: set it to null when device is cpu")
-            for name in ("grpo", "lcrl", "realtime"):
-                if getattr(self.stages, name).use_vllm:
+            for name in ("grpo", "lcrl", "realtime"):  # stages switched off may keep their GPU settings
+                if getattr(self.stages, name).use_vllm and getattr(self.stages, name).enabled:
                     raise ValueError(
                         f"stages.{name}.use_vllm needs a GPU: set it to false when device is cpu"
                     )
-            if self.stages.sample.engine == "vllm" or self.evaluate.engine == "vllm":
+            if (
+                self.stages.sample.enabled and self.stages.sample.engine == "vllm"
+            ) or self.evaluate.engine == "vllm":
                 raise ValueError("the vllm engine needs a GPU: use engine: transformers when device is cpu")
         s = self.stages
         if s.rsft.enabled and not s.sample.enabled:
@@ -354,7 +358,9 @@ class Recipe(_Config):
             "fraud_classifier" in getattr(s, n).reward_funcs for n in ("grpo", "lcrl", "realtime")
         )
         if uses_classifier and not s.classifier.enabled:
-            raise ValueError("reward fraud_classifier needs stages.classifier enabled (it trains the classifier)")
+            raise ValueError(
+                "reward fraud_classifier needs stages.classifier enabled (it trains the classifier)"
+            )
         return self
 
     def enabled(self) -> list[str]:

@@ -6,7 +6,9 @@ Pairs come from the sampled responses of stage 2a (`samples.jsonl`: each prompt 
 - rejected: a wrong response (invalid labels and unparsable answers first), or, when every response is correct,
   the longest one if its reasoning is at least `length_ratio` times the chosen one's (correct and short over long).
 
-Prompts with no correct response, or with nothing worse to set against it, give no pair (and are counted).
+A prompt with no correct response gets the gold answer in the output grammar as its chosen response (with a
+short fixed reasoning; counted as `reference_chosen`), so an early policy that solves little still yields pairs.
+Prompts with nothing worse to set against the chosen response give no pair (and are counted).
 Rows are ms-swift's preference format: `messages` ending with the chosen answer, and `rejected_response`.
 """
 
@@ -22,6 +24,8 @@ from teleguard.engines import prompt_of_row
 from teleguard.rewards import route_of, score_format, score_label
 from teleguard.train.sampling import is_correct, read_rows, shortest_correct, write_jsonl
 
+REFERENCE_REASONING = "根据通话内容逐项核对后得出结论。"
+
 
 def _badness(completion: str, gold: str, stage: str) -> float:
     """Lower is worse: the response's format plus classification reward."""
@@ -35,7 +39,7 @@ class PairReport:
     pairs: int = 0
     wrong_rejected: int = 0
     long_rejected: int = 0
-    no_correct: int = 0
+    reference_chosen: int = 0
     no_contrast: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -54,8 +58,10 @@ def preference_pairs(
         samples: list[str] = list(row.get("samples") or [])
         chosen = shortest_correct(samples, gold, stage)
         if chosen is None:
-            report.no_correct += 1
-            continue
+            from teleguard.train.distill import student_target
+
+            chosen = student_target(row, REFERENCE_REASONING)
+            report.reference_chosen += 1
         wrong = [s for s in samples if not is_correct(s, gold, stage)]
         if wrong:
             rejected = min(wrong, key=lambda s: _badness(s, gold, stage))
@@ -138,7 +144,9 @@ def rank_by_reward_model(
         if not candidates:
             unformed += 1
             continue
-        scores = reward_model.score([[*prompt.messages, {"role": "assistant", "content": s}] for s in candidates])
+        scores = reward_model.score(
+            [[*prompt.messages, {"role": "assistant", "content": s}] for s in candidates]
+        )
         best = candidates[max(range(len(candidates)), key=scores.__getitem__)]
         agree += is_correct(best, row["answers"], row.get("conversation_stage", "complete"))
         meta = {k: v for k, v in row.items() if k not in ("messages", "samples")}

@@ -421,16 +421,17 @@ class Runner:
 
     def _rsft_source(self, folder: Path) -> tuple[Path, dict[str, Any]]:
         """Stage 2a's rule selection, or the reward model's pick among the same samples."""
-        source = self.folder("sample") / "sft.jsonl"
+        rule = self.recipe.stages.rsft.selection == "rule"
+        source = self.folder("sample") / ("sft.jsonl" if rule else "samples.jsonl")
         if not source.is_file():
             self._stage_model("sample")  # downloads the sample stage's folder when it ran elsewhere
-        if self.recipe.stages.rsft.selection == "rule":
+        if rule:
             return source, {}
         from teleguard.train.preferences import RewardModel, rank_by_reward_model
         from teleguard.train.sampling import read_rows, write_jsonl
 
         reward_model = RewardModel(self.side_model("rm"), max_length=self.recipe.common.max_length)
-        kept, report = rank_by_reward_model(read_rows(self.folder("sample") / "samples.jsonl"), reward_model)
+        kept, report = rank_by_reward_model(read_rows(source), reward_model)
         target = folder / "rm-selection.jsonl"
         write_jsonl(target, kept)
         self.log(f"rsft: the reward model picked {report['kept']} responses ({report})")
@@ -456,8 +457,12 @@ class Runner:
         )
         from teleguard.engines import SamplingParams
 
-        params = SamplingParams(n=1, temperature=d.temperature, max_tokens=d.max_tokens, seed=self.recipe.common.seed)
-        kept, report = distill_rows(engine, rows, params, batch_size=d.batch_size, max_chars=d.max_rationale_chars)
+        params = SamplingParams(
+            n=1, temperature=d.temperature, max_tokens=d.max_tokens, seed=self.recipe.common.seed
+        )
+        kept, report = distill_rows(
+            engine, rows, params, batch_size=d.batch_size, max_chars=d.max_rationale_chars
+        )
         target = folder / "rationales.jsonl"
         write_jsonl(target, kept)
         self.log(f"distill: {report['kept']} of {report['prompts']} rationales kept")
@@ -540,6 +545,20 @@ class Runner:
             self.log(f"{s.__class__.__name__}: judge {judge_model} served at {base_url}")
             yield s.judge.judge_config(base_url, cache=cache)
 
+    def _run_classifier(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
+        """A fraud classifier (`swift sft --task_type seq_cls`) for the fraud_classifier reward."""
+        from teleguard.train.classifier import train_classifier_args, write_classifier_dataset
+
+        s = self.recipe.stages.classifier
+        dataset = folder / "classifier.jsonl"
+        counts = write_classifier_dataset(self.datasets() / self.recipe.data.train_split, dataset, s.limit)
+        common = {**self._common_options(), **self._schedule_options(s)}
+        options = train_classifier_args(dataset, common, max_length=min(self.recipe.common.max_length, 1024))
+        fields = self._train("sft", stage, model, folder, options)
+        if "metrics" in fields:
+            fields["metrics"] = {**fields["metrics"], "dataset": counts}
+        return fields
+
     def _preference_pairs(self, stage: str, folder: Path) -> tuple[Path, dict[str, Any]]:
         from teleguard.train.preferences import write_pairs
 
@@ -618,7 +637,9 @@ class Runner:
         params = sampling_params(s)
         samples = generate_samples(engine, rows, params, s.batch_size)
         # every sample is kept too: preference pairs and reward-model ranking choose among them
-        write_jsonl(folder / "samples.jsonl", ({**r, "samples": o} for r, o in zip(rows, samples, strict=True)))
+        write_jsonl(
+            folder / "samples.jsonl", ({**r, "samples": o} for r, o in zip(rows, samples, strict=True))
+        )
         report = write_selection(rows, samples, folder)
         self.log(
             f"sample: kept {report['kept']} of {report['prompts']} prompts ({report['unsolved']} unsolved)"

@@ -1,0 +1,187 @@
+"""Steps of the seed recipes (pipelines/seed_*.py): classifier reward, distillation, reward model, DPO and PPO.
+
+Thin like the SAFE-QAQ steps: each calls `teleguard.pipeline_steps.train_stage_step` (or the evaluation) with its
+artifact folders. A switched-off stage passes its input model through.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from teleguard.components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def fraud_classifier(
+    recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model], model: Output[Model]
+) -> str:
+    """A fraud classifier (`swift sft --task_type seq_cls`) for the fraud_classifier reward (seed 002)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    return json.dumps(train_stage_step(
+        "classifier", True, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def classifier_grpo(
+    enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
+    classifier: Input[Model], model: Output[Model],
+) -> str:  # fmt: skip
+    """GRPO whose rewards include the fraud classifier's probability of the gold verdict (seed 002)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    return json.dumps(train_stage_step(
+        "grpo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        side_models={"classifier": Path(classifier.path)},
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def teacher_model(
+    recipe: str,
+    recipe_overrides: dict,
+    teacher_model_uri: str,
+    datasets: Input[Dataset],
+    model: Output[Model],
+):
+    """The distillation teacher: `teacher_model_uri`, or the recipe's teacher (a tiny one built on the spot)."""
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import teacher_model_step
+
+    teacher_model_step(recipe, recipe_overrides, teacher_model_uri, Path(datasets.path), Path(model.path))
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def distill(
+    enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
+    teacher: Input[Model], model: Output[Model],
+) -> str:  # fmt: skip
+    """The teacher writes rationales for the training prompts; the student is SFT-trained on them (seed 003)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    overrides = {**recipe_overrides, "stages.distill.teacher.path": teacher.path}
+    return json.dumps(train_stage_step(
+        "distill", enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path)
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def reward_model(
+    recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model], samples: Input[Dataset],
+    model: Output[Model],
+) -> str:  # fmt: skip
+    """A reward model (`swift rlhf --rlhf_type rm`) on preference pairs from the sampled responses (seed 004)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    return json.dumps(train_stage_step(
+        "rm", True, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        inputs={"sample": Path(samples.path)},
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def dpo(
+    enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
+    samples: Input[Dataset], model: Output[Model],
+) -> str:  # fmt: skip
+    """DPO (`swift rlhf --rlhf_type dpo`) on the same preference pairs (seed 004)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    return json.dumps(train_stage_step(
+        "dpo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        inputs={"sample": Path(samples.path)},
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def rm_ranked_rsft(
+    enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
+    samples: Input[Dataset], reward: Input[Model], model: Output[Model],
+) -> str:  # fmt: skip
+    """Rejection sampling ranked by the reward model, then SFT on the picks (seed 004)."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    overrides = {**recipe_overrides, "stages.rsft.selection": "reward_model"}
+    return json.dumps(train_stage_step(
+        "rsft", enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        inputs={"sample": Path(samples.path)}, side_models={"rm": Path(reward.path)},
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def ppo(
+    enabled: bool, recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model],
+    reward: Input[Model], model: Output[Model],
+) -> str:  # fmt: skip
+    """PPO against the reward model with a KL coefficient; the mean KL is checked against the target."""
+    import json
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import train_stage_step
+
+    return json.dumps(train_stage_step(
+        "ppo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        side_models={"rm": Path(reward.path)},
+    ), default=str)  # fmt: skip
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def evaluate_recipe(
+    recipe: str,
+    recipe_overrides: dict,
+    datasets: Input[Dataset],
+    final_model: Input[Model],
+    model_a: Input[Model],
+    model_b: Input[Model],
+    model_c: Input[Model],
+    model_d: Input[Model],
+    names: list,
+    aux_model: Input[Model],
+    aux: str,
+    cascade_threshold: float,
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    report_md: Output[Markdown],
+    details: Output[Dataset],
+) -> str:
+    """Evaluate the final model and up to three others (named by `names`, in order a, b, c, d) on the held-out split
+    and the gold and red-team sets. `aux` adds: "classifier" (aux_model is the fraud classifier: its reward before
+    and after RL), "cascade" (aux_model is the large model: the cascade's escalation rate and accuracy)."""
+    from pathlib import Path
+
+    from teleguard.pipeline_steps import evaluate_recipe_step, log_evaluation
+
+    others = [Path(m.path) for m in (model_a, model_b, model_c, model_d)]
+    models = {name: path for name, path in zip(names, others, strict=False)}  # unused slots repeat a model
+    models["final"] = Path(final_model.path)
+    cascade = None
+    if aux == "cascade":
+        models["large"] = Path(aux_model.path)
+        cascade = ("final", "large", cascade_threshold)
+    results = evaluate_recipe_step(
+        recipe, recipe_overrides, Path(datasets.path), models, Path(details.path),
+        classifier=Path(aux_model.path) if aux == "classifier" else None, cascade=cascade,
+    )  # fmt: skip
+    return log_evaluation(
+        results["final"], Path(details.path), metrics, confusion, report.path, report_md.path
+    )

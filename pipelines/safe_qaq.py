@@ -7,8 +7,6 @@ and the data steps are cached. Checkpoints move between steps as artifacts (MinI
 manifests/kfp-launcher-minio.yaml). Compile with `teleguard pipeline compile`.
 """
 
-import os
-
 from kfp import dsl, kubernetes
 
 from teleguard.components.data import build_data, synthesize_audio
@@ -27,7 +25,6 @@ from teleguard.components.training import (
 )
 
 PIPELINE_NAME = "teleguard-safe-qaq"
-LOCAL_RUN_ENV = "TELEGUARD_LOCAL_RUN"  # set by run_local
 SHM_SIZE = "16Gi"  # NCCL and the data loaders need more than the container default of 64 MiB
 GPU_CPU_REQUEST, GPU_MEMORY_REQUEST = "8", "64Gi"
 CPU_CPU_REQUEST, CPU_MEMORY_REQUEST = "2", "8Gi"
@@ -44,12 +41,9 @@ def on_gpu_pool(
     kubernetes.empty_dir_mount(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
     )
-    # a preempted GPU node: retry; the stage resumes from its last checkpoint. KFP's local runner honours retries
-    # too, but a local run has no preemption: there a failure fails at once (teleguard.pipeline.run_local).
-    if not os.environ.get(LOCAL_RUN_ENV):
-        task.set_retry(
-            num_retries=2, backoff_duration="120s", backoff_factor=2.0, backoff_max_duration="1800s"
-        )
+    # a preempted GPU node: retry; the stage resumes from its last checkpoint (a local run drops the retries:
+    # see teleguard.pipeline.without_retries)
+    task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0, backoff_max_duration="1800s")
     return task.set_caching_options(False)
 
 

@@ -83,8 +83,10 @@ def test_teacher_judge_recipe(tmp_path: Path) -> None:
     check_common("teacher-judge", run_dir)
     grpo = step_output(run_dir, "grpo-stage1")
     judge = grpo["judge"]
-    # the judge answered (or fell back, counted) for every completion of the step
-    assert judge["calls"] + judge["cache_hits"] + judge["fallbacks"]["total"] > 0
+    # every completion of the step was judged by the served judge: answered, or given the fallback and counted
+    # (a tiny random judge rarely puts a digit among its top tokens, so fallbacks are expected here)
+    assert judge["samples"] == 4 and judge["calls"] >= judge["samples"] and judge["cache_hits"] == 0
+    assert judge["judged"] + judge["fallbacks"] == judge["samples"]
     assert any(k.startswith("rewards/teacher_judge") for k in grpo), sorted(grpo)
 
 

@@ -91,6 +91,19 @@ def compile_pipelines(folder: Path, keys: list[str] | None = None) -> list[Path]
     return written
 
 
+def without_retries(function: Any) -> Any:
+    """A copy of a pipeline without its retry policies. KFP's local runner honours them, but a local run has no
+    preempted node to wait for: a failure should fail at once, not after minutes of backoff."""
+    import copy
+
+    local = copy.deepcopy(function)
+    spec = local.pipeline_spec
+    for dag in [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]:
+        for task in dag.tasks.values():
+            task.ClearField("retry_policy")
+    return local
+
+
 def run_local(
     arguments: dict[str, object],
     pipeline_root: Path,
@@ -115,11 +128,7 @@ def run_local(
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
     )
-    os.environ["TELEGUARD_LOCAL_RUN"] = "1"  # no retries with backoff: a local failure fails at once
-    try:
-        function(**localize(arguments))
-    finally:
-        os.environ.pop("TELEGUARD_LOCAL_RUN", None)
+    without_retries(function)(**localize(arguments))
     [run_dir] = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
     if upload_uri:
         from teleguard.storage import put_dir

@@ -76,7 +76,7 @@ def run_command(
     ] = None,
     serve: Annotated[
         bool,
-        typer.Option(help="at the end, serve the registered model and replay held-out calls through it"),
+        typer.Option(help="at the end, serve the trained model and replay held-out calls through it"),
     ] = True,
 ) -> None:
     """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it."""
@@ -94,7 +94,7 @@ def run_command(
     run_dir = run_local(arguments, root.resolve(), upload_uri=upload, pipeline=pipeline)
     summary = summarize_run(run_dir, pipeline_info(pipeline).steps())
     print_summary(summary, title=info.title)
-    if serve and summary["registered"]:
+    if serve:
         from teleguard.demo_serving import demo_from_run
 
         demo_from_run(summary, arguments, console=console)

@@ -516,7 +516,7 @@ class Runner:
 
             environ.update(judge_config.to_env())
             fields = self._train("rlhf", stage, model, folder, options, environ)
-        stats_dir = judge_config.resolved_stats_dir()
+        stats_dir = judge_config.resolved_stats_dir
         if stats_dir and "metrics" in fields:
             fields["metrics"] = {**fields["metrics"], "judge": read_stats(stats_dir)}
         return fields

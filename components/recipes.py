@@ -1,6 +1,6 @@
 """Steps of the seed recipes (pipelines/seed_*.py): classifier reward, distillation, reward model, DPO and PPO.
 
-Thin like the SAFE-QAQ steps: each calls `teleguard.pipeline_steps.train_stage_step` (or the evaluation) with its
+Thin like the SAFE-QAQ steps: each calls `teleguard.pipeline_steps.stage_step` (or the evaluation) with its
 artifact folders. A switched-off stage passes its input model through.
 """
 
@@ -15,14 +15,9 @@ def fraud_classifier(
     recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model], model: Output[Model]
 ) -> str:
     """A fraud classifier (`swift sft --task_type seq_cls`) for the fraud_classifier reward (seed 002)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline_steps import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "classifier", True, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return stage_step("classifier", True, recipe, recipe_overrides, datasets, start, model)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -31,15 +26,18 @@ def classifier_grpo(
     classifier: Input[Model], model: Output[Model],
 ) -> str:  # fmt: skip
     """GRPO whose rewards include the fraud classifier's probability of the gold verdict (seed 002)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline_steps import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "grpo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        side_models={"classifier": Path(classifier.path)},
-    ), default=str)  # fmt: skip
+    return stage_step(
+        "grpo",
+        enabled,
+        recipe,
+        recipe_overrides,
+        datasets,
+        start,
+        model,
+        side_models={"classifier": classifier},
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -64,15 +62,10 @@ def distill(
     teacher: Input[Model], model: Output[Model],
 ) -> str:  # fmt: skip
     """The teacher writes rationales for the training prompts; the student is SFT-trained on them (seed 003)."""
-    import json
-    from pathlib import Path
-
-    from teleguard.pipeline_steps import train_stage_step
+    from teleguard.pipeline_steps import stage_step
 
     overrides = {**recipe_overrides, "stages.distill.teacher.path": teacher.path}
-    return json.dumps(train_stage_step(
-        "distill", enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return stage_step("distill", enabled, recipe, overrides, datasets, start, model)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -81,15 +74,11 @@ def reward_model(
     model: Output[Model],
 ) -> str:  # fmt: skip
     """A reward model (`swift rlhf --rlhf_type rm`) on preference pairs from the sampled responses (seed 004)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline_steps import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "rm", True, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        inputs={"sample": Path(samples.path)},
-    ), default=str)  # fmt: skip
+    return stage_step(
+        "rm", True, recipe, recipe_overrides, datasets, start, model, inputs={"sample": samples}
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -98,15 +87,11 @@ def dpo(
     samples: Input[Dataset], model: Output[Model],
 ) -> str:  # fmt: skip
     """DPO (`swift rlhf --rlhf_type dpo`) on the same preference pairs (seed 004)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline_steps import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "dpo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        inputs={"sample": Path(samples.path)},
-    ), default=str)  # fmt: skip
+    return stage_step(
+        "dpo", enabled, recipe, recipe_overrides, datasets, start, model, inputs={"sample": samples}
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -115,16 +100,20 @@ def rm_ranked_rsft(
     samples: Input[Dataset], reward: Input[Model], model: Output[Model],
 ) -> str:  # fmt: skip
     """Rejection sampling ranked by the reward model, then SFT on the picks (seed 004)."""
-    import json
-    from pathlib import Path
-
-    from teleguard.pipeline_steps import train_stage_step
+    from teleguard.pipeline_steps import stage_step
 
     overrides = {**recipe_overrides, "stages.rsft.selection": "reward_model"}
-    return json.dumps(train_stage_step(
-        "rsft", enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        inputs={"sample": Path(samples.path)}, side_models={"rm": Path(reward.path)},
-    ), default=str)  # fmt: skip
+    return stage_step(
+        "rsft",
+        enabled,
+        recipe,
+        overrides,
+        datasets,
+        start,
+        model,
+        inputs={"sample": samples},
+        side_models={"rm": reward},
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -133,15 +122,11 @@ def ppo(
     reward: Input[Model], model: Output[Model],
 ) -> str:  # fmt: skip
     """PPO against the reward model with a KL coefficient; the mean KL is checked against the target."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline_steps import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "ppo", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        side_models={"rm": Path(reward.path)},
-    ), default=str)  # fmt: skip
+    return stage_step(
+        "ppo", enabled, recipe, recipe_overrides, datasets, start, model, side_models={"rm": reward}
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

@@ -175,6 +175,27 @@ def train_stage_step(
         return result.manifest.get("metrics", {})
 
 
+def stage_step(
+    stage: str,
+    enabled: bool,
+    recipe: str,
+    overrides: dict[str, Any],
+    datasets: Any,
+    start: Any,
+    model: Any,
+    *,
+    inputs: dict[str, Any] | None = None,
+    side_models: dict[str, Any] | None = None,
+) -> str:
+    """`train_stage_step` for a component: KFP artifacts in (anything with a `.path`), the metrics as JSON out."""
+    metrics = train_stage_step(
+        stage, enabled, recipe, overrides, Path(datasets.path), Path(start.path), Path(model.path),
+        inputs={k: Path(v.path) for k, v in (inputs or {}).items()},
+        side_models={k: Path(v.path) for k, v in (side_models or {}).items()},
+    )  # fmt: skip
+    return json.dumps(metrics, default=str)
+
+
 def trainjob_stage_step(
     stage: str,
     recipe: str,

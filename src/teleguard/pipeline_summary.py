@@ -139,7 +139,9 @@ def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> 
             table.add_row(name, *(_number(v) if v is not None else "-" for v in values))
         console.print(table)
     if any(s["step"] == "quality-gate" for s in summary["steps"]):  # the seed recipes have no gate
-        verdict = {True: "[green]passed[/]", False: "[red]failed[/]"}.get(summary["gate_passed"], "not reached")
+        verdict = {True: "[green]passed[/]", False: "[red]failed[/]"}.get(
+            summary["gate_passed"], "not reached"
+        )
         console.print(f"quality gate: {verdict}")
     if summary["registered"]:
         console.print(f"registered model: {summary['registered']}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,18 +23,13 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
+from teleguard.loopback import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RULES_FILE = REPO / "monitoring" / "prometheus" / "rules.yaml"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A port free on loopback right now (Prometheus needs its port before it starts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 class MetricsEndpoint:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from teleguard.data.records import CallRecord
+from teleguard.loopback import free_port
 from teleguard.serve.client import ReplayEvent, ReplayResult, percentile, replay_call, transcript_script
 
 DEMO_DIR = "serve-demo"  # inside the run folder: the server's configuration and log
@@ -42,13 +42,6 @@ def pick_calls(calls: Sequence[CallRecord], *, fraud: int = 2, normal: int = 2) 
         c for c in with_turns if not c.labels.is_fraud
     ][:normal]
     return chosen
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_config(

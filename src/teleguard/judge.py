@@ -55,7 +55,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from teleguard.contract.parser import parse_output
 from teleguard.judge_cache import STATS_DIR, JudgementCache, read_stats, write_stats
+from teleguard.loopback import free_port
 
 __all__ = [
     "API_KEY_ENV",
@@ -923,12 +923,6 @@ def mix_rewards(
 
 
 # ---------------------------------------------------------------------------------- a local judge server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

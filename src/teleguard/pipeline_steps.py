@@ -329,13 +329,6 @@ def evaluate_step(
     )  # fmt: skip
 
 
-def read_predictions(path: Path) -> list[Any]:
-    from teleguard.evaluate.metrics import RoundPrediction
-
-    with path.open(encoding="utf-8") as f:
-        return [RoundPrediction(**json.loads(line)) for line in f if line.strip()]
-
-
 def evaluate_recipe_step(
     recipe: str,
     overrides: dict[str, Any],
@@ -351,6 +344,8 @@ def evaluate_recipe_step(
     - `classifier`: the fraud-classifier reward's mean and spread for each model's answers (before/after RL);
     - `cascade` (small, large, threshold): escalation rate and accuracy with and without the confidence cascade.
     """
+    from teleguard.evaluate.run import read_predictions
+
     results = evaluate_step(recipe, overrides, datasets, models, out_report)
     sections: list[str] = []
     if classifier is not None:

@@ -77,6 +77,12 @@ def write_predictions(path: Path, predictions: Sequence[RoundPrediction]) -> Non
             f.write(json.dumps(p.__dict__, ensure_ascii=False) + "\n")
 
 
+def read_predictions(path: Path) -> list[RoundPrediction]:
+    """What `write_predictions` wrote."""
+    with path.open(encoding="utf-8") as f:
+        return [RoundPrediction(**json.loads(line)) for line in f if line.strip()]
+
+
 def evaluate_models(
     models: dict[str, Callable[[], Engine]],
     rows: Sequence[dict[str, Any]],

@@ -22,6 +22,7 @@ from typing import Any
 from teleguard.contract import parse_output
 from teleguard.engines import prompt_of_row
 from teleguard.rewards import route_of, score_format, score_label
+from teleguard.train.distill import student_target
 from teleguard.train.sampling import is_correct, read_rows, shortest_correct, write_jsonl
 
 REFERENCE_REASONING = "根据通话内容逐项核对后得出结论。"
@@ -58,8 +59,6 @@ def preference_pairs(
         samples: list[str] = list(row.get("samples") or [])
         chosen = shortest_correct(samples, gold, stage)
         if chosen is None:
-            from teleguard.train.distill import student_target
-
             chosen = student_target(row, REFERENCE_REASONING)
             report.reference_chosen += 1
         wrong = [s for s in samples if not is_correct(s, gold, stage)]

@@ -414,10 +414,7 @@ class Runner:
                     "metrics": {"rows": 0, **extra}, "note": "no rows to train on"}  # fmt: skip
         options = {**self._common_options(), **self._schedule_options(s)}
         options["dataset"] = self._dataset(source, folder, s.limit)
-        fields = self._train("sft", stage, model, folder, options)
-        if extra and "metrics" in fields:
-            fields["metrics"] = {**fields["metrics"], **extra}
-        return fields
+        return with_metrics(self._train("sft", stage, model, folder, options), **extra)
 
     def _rsft_source(self, folder: Path) -> tuple[Path, dict[str, Any]]:
         """Stage 2a's rule selection, or the reward model's pick among the same samples."""
@@ -439,13 +436,13 @@ class Runner:
 
     def _distill_source(self, folder: Path) -> tuple[Path, dict[str, Any]]:
         """Teacher rationales for the training prompts, as student SFT rows."""
-        from teleguard.engines import SwiftEngine
+        from teleguard.engines import SamplingParams, SwiftEngine
         from teleguard.train.distill import distill_rows
         from teleguard.train.sampling import read_rows, write_jsonl
 
         d = self.recipe.stages.distill
-        assert d.teacher is not None  # the recipe's validation makes sure
         teacher = self.teacher_model()
+        assert d.teacher is not None  # teacher_model() raised otherwise
         rows = read_rows(self.datasets() / self.recipe.data.train_split / "grpo.jsonl", d.rows)
         engine = SwiftEngine(
             teacher,
@@ -455,8 +452,6 @@ class Runner:
             media_root=self.datasets() if self.recipe.data.modality == "audio" else None,
             max_batch_size=d.batch_size,
         )
-        from teleguard.engines import SamplingParams
-
         params = SamplingParams(
             n=1, temperature=d.temperature, max_tokens=d.max_tokens, seed=self.recipe.common.seed
         )
@@ -511,18 +506,16 @@ class Runner:
             environ[CLASSIFIER_ENV] = str(self.side_model("classifier"))
         if s.judge is None:
             return self._train("rlhf", stage, model, folder, options, environ)
-        with self._judge(s, model, folder) as judge_config:
+        with self._judge(stage, s, model, folder) as judge_config:
             from teleguard.judge import read_stats
 
             environ.update(judge_config.to_env())
             fields = self._train("rlhf", stage, model, folder, options, environ)
         stats_dir = judge_config.resolved_stats_dir
-        if stats_dir and "metrics" in fields:
-            fields["metrics"] = {**fields["metrics"], "judge": read_stats(stats_dir)}
-        return fields
+        return with_metrics(fields, judge=read_stats(stats_dir)) if stats_dir else fields
 
     @contextlib.contextmanager
-    def _judge(self, s: GrpoStage, model: Path, folder: Path) -> Iterator[Any]:
+    def _judge(self, stage: str, s: GrpoStage, model: Path, folder: Path) -> Iterator[Any]:
         """The judge's settings for the stage: its endpoint, or a `swift deploy` on loopback while it trains.
         Judgements are cached in the stage folder unless the recipe names a cache."""
         assert s.judge is not None
@@ -542,7 +535,7 @@ class Runner:
             served_model_name=served,
             log_path=folder / "judge-server.log",
         ) as base_url:
-            self.log(f"{s.__class__.__name__}: judge {judge_model} served at {base_url}")
+            self.log(f"{stage}: judge {judge_model} served at {base_url}")
             yield s.judge.judge_config(base_url, cache=cache)
 
     def _run_classifier(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
@@ -554,10 +547,7 @@ class Runner:
         counts = write_classifier_dataset(self.datasets() / self.recipe.data.train_split, dataset, s.limit)
         common = {**self._common_options(), **self._schedule_options(s)}
         options = train_classifier_args(dataset, common, max_length=min(self.recipe.common.max_length, 1024))
-        fields = self._train("sft", stage, model, folder, options)
-        if "metrics" in fields:
-            fields["metrics"] = {**fields["metrics"], "dataset": counts}
-        return fields
+        return with_metrics(self._train("sft", stage, model, folder, options), dataset=counts)
 
     def _preference_pairs(self, stage: str, folder: Path) -> tuple[Path, dict[str, Any]]:
         from teleguard.train.preferences import write_pairs
@@ -587,10 +577,7 @@ class Runner:
         s = getattr(self.recipe.stages, stage)
         options = {**self._common_options(), **self._schedule_options(s), **rlhf}
         options["dataset"] = self._dataset(pairs, folder, s.limit)
-        fields = self._train("rlhf", stage, model, folder, options)
-        if "metrics" in fields:
-            fields["metrics"] = {**fields["metrics"], "pairs": report}
-        return fields
+        return with_metrics(self._train("rlhf", stage, model, folder, options), pairs=report)
 
     def _run_ppo(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
         """PPO against the reward model; the mean KL is checked against the target afterwards."""
@@ -610,15 +597,9 @@ class Runner:
         )
         options.update(s.extra)
         fields = self._train("rlhf", stage, model, folder, options)
-        if "metrics" in fields:
-            kl = mean_logged(folder / TRAIN_DIR, "objective/kl")
-            fields["metrics"] = {
-                **fields["metrics"],
-                "mean_kl": kl,
-                "target_kl": s.target_kl,
-                "kl_within_target": None if kl is None or s.target_kl is None else kl <= s.target_kl,
-            }
-        return fields
+        kl = mean_logged(folder / TRAIN_DIR, "objective/kl")
+        within = None if kl is None or s.target_kl is None else kl <= s.target_kl
+        return with_metrics(fields, mean_kl=kl, target_kl=s.target_kl, kl_within_target=within)
 
     def _run_sample(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
         from teleguard.engines import recipe_engine
@@ -672,22 +653,32 @@ def training_finished(train_dir: Path) -> bool:
     return log.is_file() and any('"train_runtime"' in line for line in log.read_text("utf-8").splitlines())
 
 
-def mean_logged(train_dir: Path, key: str) -> float | None:
-    """The mean of one logged training value over the steps that logged it."""
+def with_metrics(fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A stage's manifest fields with more figures in its metrics (a worker node's fields have none: as they are)."""
+    if "metrics" in fields and extra:
+        fields["metrics"] = {**fields["metrics"], **extra}
+    return fields
+
+
+def logged_rows(train_dir: Path) -> list[dict[str, Any]]:
+    """What ms-swift logged while training (logging.jsonl), one dict per line; none when it never logged."""
     log = train_dir / "logging.jsonl"
     if not log.is_file():
-        return None
-    rows = [json.loads(line) for line in log.read_text("utf-8").splitlines() if line.strip()]
-    values = [float(r[key]) for r in rows if key in r]
+        return []
+    return [json.loads(line) for line in log.read_text("utf-8").splitlines() if line.strip()]
+
+
+def mean_logged(train_dir: Path, key: str) -> float | None:
+    """The mean of one logged training value over the steps that logged it."""
+    values = [float(r[key]) for r in logged_rows(train_dir) if key in r]
     return sum(values) / len(values) if values else None
 
 
 def train_metrics(train_dir: Path) -> dict[str, Any]:
     """The last training summary ms-swift logged (loss, rewards, runtime, steps)."""
-    log = train_dir / "logging.jsonl"
-    if not log.is_file():
+    rows = logged_rows(train_dir)
+    if not rows:
         return {}
-    rows = [json.loads(line) for line in log.read_text("utf-8").splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r]
     summary = next((r for r in reversed(rows) if "train_runtime" in r), {})
     metrics: dict[str, Any] = {"logged_steps": len(steps), **summary}

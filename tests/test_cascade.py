@@ -1,9 +1,12 @@
 """The confidence cascade: a small model answers, its unsure answers go to a large one.
 
 Two tiny Qwen3 models: the small one is taught (tests/tiny_training.py) to answer the detector's is_fraud
-prompt for call A with confidence 0.9 and for call B with confidence 0.2; the large one is a random, wider
-model. The cascade escalates exactly the answers below the threshold, returns the large model's answers for
-them and counts what it did; the same happens behind the real server, where /metrics shows it. Unit tests cover
+prompt for call A with "false", confidently, and is torn between "false" and "true" for call B (taught both),
+so its own probability of the label it writes (the confidence the cascade reads from the answer tokens'
+logprobs, teleguard.contract.confidence) is high for A and about one half for B, while both answers state
+confidence 1.0; the large one is a random, wider model. The cascade escalates exactly the answers below the
+threshold, returns the large model's answers for them and counts what it did; the same happens behind the
+real server, where /metrics shows it. Unit tests cover
 the escalation rule, the fallback when the large engine fails, the configuration and CLI options, and the
 offline evaluation (`teleguard.evaluate.cascade`) on hand-made predictions with hand-computed numbers.
 """
@@ -41,13 +44,13 @@ from .test_serve_e2e import running
 from .tiny_training import teach_answers
 
 THRESHOLD = 0.5
+MODEL_THRESHOLD = 0.7  # the tiny-model tests': between the torn answer's ~0.5 and the sure one's ~0.96
 # One is_fraud evaluation per finished turn, no scene round: one request per chunk.
 POLICY = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never", max_tokens=96)
 CALLS = {
     "call-a": "您好，我是快递员，您的包裹已经放在门口了，请注意查收。",
     "call-b": "我是公安局的，你的银行卡涉嫌洗钱，马上把钱转到安全账户。",
 }
-CONFIDENCE = {"call-a": 0.9, "call-b": 0.2}
 
 
 def answer(is_fraud: bool | None, confidence: float, round_: Round = Round.FRAUD) -> str:
@@ -103,7 +106,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     small = build_tiny_model(root / "small", "qwen3", hidden_size=64, seed=0).path
     large = build_tiny_model(root / "large", "qwen3", hidden_size=128, seed=1).path
     prompts = detector_prompts()
-    teach_answers(small, [(prompts[c], answer(False, CONFIDENCE[c])) for c in CALLS])
+    examples = [(prompts["call-a"], answer(False, 1.0))]
+    examples += [(prompts["call-b"], answer(False, 1.0)), (prompts["call-b"], answer(True, 1.0))]
+    teach_answers(small, examples, margin=4.0)
     return Models(small, large, prompts)
 
 
@@ -129,7 +134,7 @@ def test_cascade_escalates_exactly_the_low_confidence_answers(models: Models) ->
     async def main() -> tuple[list[Generation], list[CascadeGeneration], list[Generation], list[int]]:
         small = SwiftServingEngine(small_config(models))
         large = SwiftServingEngine(large_config(models))
-        cascade = CascadeEngine(small, large, threshold=THRESHOLD, large_timeout_s=60, metrics=metrics)
+        cascade = CascadeEngine(small, large, threshold=MODEL_THRESHOLD, large_timeout_s=60, metrics=metrics)
         try:
             alone = await small.generate(requests)
             answered = await cascade.generate(requests)
@@ -140,10 +145,13 @@ def test_cascade_escalates_exactly_the_low_confidence_answers(models: Models) ->
             await cascade.aclose()
 
     alone, answered, large_alone, escalated = asyncio.run(main())
-    confidences = [answer_confidence(g.text, Round.FRAUD) for g in alone]
-    assert confidences == [0.9, 0.2, 0.9, 0.2]  # the small model learned its answers
-    unsure = {i for i, c in enumerate(confidences) if c is None or c < THRESHOLD}
-    assert unsure and set(escalated) == unsure and len(unsure) < len(requests)
+    assert all(answer_confidence(g.text, Round.FRAUD) == 1.0 for g in alone)  # what every answer states
+    confidences = [answer_confidence(g.text, Round.FRAUD, g.logprobs) for g in alone]
+    # the small model learned its answers: sure of call A, torn on call B
+    assert [c is not None and c > 0.9 for c in confidences] == [True, False, True, False]
+    assert all(c is not None and 0.3 < c < 0.6 for c in confidences[1::2])
+    unsure = {i for i, c in enumerate(confidences) if c is None or c < MODEL_THRESHOLD}
+    assert unsure == {1, 3} and set(escalated) == unsure
     for i, g in enumerate(answered):
         assert g.small_confidence == confidences[i]
         if i in unsure:
@@ -174,7 +182,7 @@ def test_an_escalation_shows_in_the_servers_metrics(models: Models) -> None:
     config = ServeConfig(
         port=0,
         engine=small_config(models).model_copy(
-            update={"cascade": CascadeConfig(large=large_config(models), threshold=THRESHOLD)}
+            update={"cascade": CascadeConfig(large=large_config(models), threshold=MODEL_THRESHOLD)}
         ),
         policy=POLICY,
         detector=DetectorConfig(engine_timeout_s=120),
@@ -194,9 +202,12 @@ def test_an_escalation_shows_in_the_servers_metrics(models: Models) -> None:
             for family in text_string_to_metric_families(http.get("/metrics").text)
             for s in family.samples
         }
-    # call A's confident answer was the small model's; call B's unsure one went to the (random) large model
-    assert decisions["call-a"]["confidence"] == 0.9 and decisions["call-a"]["is_fraud"] is False
-    assert decisions["call-b"]["confidence"] != 0.2
+    # call A's confident answer was the small model's; call B's unsure one went to the (random) large model,
+    # whose 8 random tokens are no answer
+    call_a, call_b = decisions["call-a"], decisions["call-b"]
+    assert call_a["is_fraud"] is False and call_a["confidence"] > MODEL_THRESHOLD
+    assert (call_a["stated_confidence"], call_a["confidence_source"]) == (1.0, "tokens")
+    assert call_b["is_fraud"] is None and call_b["confidence"] is None
     assert scraped[("teleguard_cascade_escalations_total", (("reason", "low_confidence"),))] == 1
     assert scraped[("teleguard_cascade_decisions_total", (("answered_by", "small"),))] == 1
     assert scraped[("teleguard_cascade_decisions_total", (("answered_by", "large"),))] == 1

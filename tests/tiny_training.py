@@ -5,6 +5,10 @@ confident answer to one prompt, an unsure one to another) overfit it on those (p
 rendered with the model's chat template as ms-swift renders it for inference (non-thinking Qwen3: an empty
 think block opens the reply), the loss on the answer and the end-of-turn token only. Training stops once every
 answer token is the model's most likely next token with a margin, so greedy decoding reproduces each answer.
+
+A prompt given twice with answers that part somewhere (`false` vs `true`) teaches the model to be torn there:
+where examples with the same tokens so far disagree on the next one, no margin is asked, and the loss pulls
+the model towards even odds between them; everywhere else the margin holds.
 """
 
 from __future__ import annotations
@@ -59,6 +63,18 @@ def teach_answers(
     # position t predicts token t + 1
     shifted = targets[:, 1:]
     answer_positions = shifted != -100
+    # contested positions: another example has the same tokens up to here and a different next token
+    following: dict[tuple[int, ...], set[int]] = {}
+    answer_steps = [
+        [t for t in range(1, len(s)) if x[t] != -100] for s, x in zip(sequences, labels, strict=True)
+    ]
+    for s, steps in zip(sequences, answer_steps, strict=True):
+        for t in steps:
+            following.setdefault(tuple(s[:t]), set()).add(s[t])
+    for row, (s, steps) in enumerate(zip(sequences, answer_steps, strict=True)):
+        for t in steps:
+            if len(following[tuple(s[:t])]) > 1:
+                answer_positions[row, t - 1] = False
 
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -2,6 +2,10 @@
 
 Both engines are ms-swift's (`TransformersEngine` on CPU or GPU, `VllmEngine` on GPU), so generation applies the
 same chat template as training, audio included (the Qwen2-Audio plugin is imported first for audio models).
+
+`SwiftEngine.generate` answers texts; `SwiftEngine.generate_completions` also returns the generated tokens'
+log-probabilities, from which `Completion.confidence` reads the model's probability of the label an answer
+gives, by the same definition the detector uses (`teleguard.contract.confidence`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from teleguard.contract.confidence import TokenLogprob, label_probability, token_logprobs
+from teleguard.contract.labels import Round
 
 EngineKind = Literal["transformers", "vllm"]
 
@@ -31,6 +38,21 @@ class Prompt:
 
     messages: list[dict[str, Any]]
     audios: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer and its tokens' (text, logprob) pairs (None: the engine reported none)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    def confidence(self, round_: Round | str) -> float | None:
+        """The model's probability of the label this answer gives for `round_` (None: no label span, or no
+        log-probabilities); the detector's confidence, `teleguard.contract.confidence.label_probability`."""
+        if self.logprobs is None:
+            return None
+        return label_probability(self.text, self.logprobs, round_).probability
 
 
 class Engine(Protocol):
@@ -82,7 +104,7 @@ class SwiftEngine:
             raise ValueError(f"unknown engine kind {kind!r}; choose transformers or vllm")
         self.kind = kind
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[str]]:
+    def _infer(self, prompts: Sequence[Prompt], params: SamplingParams, *, logprobs: bool) -> list[Any]:
         from swift.infer_engine import InferRequest, RequestConfig
 
         requests = [InferRequest(messages=p.messages, audios=list(p.audios)) for p in prompts]
@@ -93,9 +115,27 @@ class SwiftEngine:
             top_k=params.top_k,
             max_tokens=params.max_tokens,
             seed=params.seed,
+            logprobs=logprobs,
         )
-        responses = self._engine.infer(requests, config, use_tqdm=len(requests) > 1)
+        return self._engine.infer(requests, config, use_tqdm=len(requests) > 1)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[str]]:
+        responses = self._infer(prompts, params, logprobs=False)
         return [[choice.message.content or "" for choice in r.choices] for r in responses]
+
+    def generate_completions(
+        self, prompts: Sequence[Prompt], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """As `generate`, with each completion's token log-probabilities (for `Completion.confidence`).
+
+        Costs more than `generate` on the transformers engine (it keeps every step's logits), so sampling
+        that only needs texts calls `generate`.
+        """
+        responses = self._infer(prompts, params, logprobs=True)
+        return [
+            [Completion(c.message.content or "", token_logprobs(c.logprobs)) for c in r.choices]
+            for r in responses
+        ]
 
 
 def recipe_engine(

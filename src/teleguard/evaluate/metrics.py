@@ -36,6 +36,9 @@ class RoundPrediction:
     stage: str = "complete"  # the gold conversation stage of the prompt's call or prefix
     audio_length: float = 0.0  # seconds of call audio in the prompt
     audio_idx: int = 0  # turns of the call in the prompt
+    # The model's probability of the output's label (teleguard.contract.confidence, the detector's confidence;
+    # `teleguard.engines.Completion.confidence`); None: not measured, or the output has no label span.
+    confidence: float | None = None
 
 
 def _label_of(parsed: ParsedOutput, round_: Round) -> str:

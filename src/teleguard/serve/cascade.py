@@ -8,9 +8,12 @@
    the request is *escalated* when the answer is unsure (`escalation_reason`):
    - ``unparsable``: the parser finds no answer JSON object (no ``<answer>`` block, a truncated one, JSON that
      does not parse);
-   - ``no_confidence``: the answer JSON has no numeric confidence in [0, 1] (missing, not a number, out of
-     range: the policy reads such a confidence as missing too);
-   - ``low_confidence``: its confidence is below `CascadeConfig.threshold` (equal to it is confident).
+   - ``no_confidence``: the answer has no confidence: when the small engine reported the answer tokens'
+     log-probabilities, no label span to read the model's probability from (`teleguard.contract.confidence`);
+     otherwise no numeric stated confidence in [0, 1] (the policy reads such a confidence as missing too);
+   - ``low_confidence``: its confidence is below `CascadeConfig.threshold` (equal to it is confident). The
+     confidence is the one the policy decides on: the model's token probability of its label, the stated
+     number only for an engine without log-probabilities.
    Nothing else is checked: a confident answer with a null or invalid label (e.g. "insufficient information")
    stands, as the policy would read it from the small engine alone;
 3. only the escalated requests go to the large engine, in one invocation, under the large engine's own
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from teleguard.contract import Round, parse_output
+from teleguard.contract.confidence import TokenLogprob, read_confidence
 from teleguard.serve.engine import (
     CascadeConfig,
     EngineConfig,
@@ -63,23 +67,31 @@ __all__ = [
 ]
 
 
-def answer_confidence(text: str, round_: Round | str | None = None) -> float | None:
-    """The confidence of an answer as the policy reads it: a number in [0, 1], else None."""
-    confidence = parse_output(text, round_).confidence
-    return confidence if confidence is not None and 0 <= confidence <= 1 else None
+def answer_confidence(
+    text: str, round_: Round | str | None = None, logprobs: Sequence[TokenLogprob] | None = None
+) -> float | None:
+    """The confidence of an answer as the policy reads it (`teleguard.contract.confidence.read_confidence`):
+    the label's token probability when `logprobs` are given, else the stated number in [0, 1]; else None."""
+    return read_confidence(text, round_, logprobs).value
 
 
-def escalation_reason(text: str, round_: Round | str | None, threshold: float) -> EscalationReason | None:
+def escalation_reason(
+    text: str,
+    round_: Round | str | None,
+    threshold: float,
+    *,
+    logprobs: Sequence[TokenLogprob] | None = None,
+) -> EscalationReason | None:
     """Why an answer must be asked again of the large engine, or None when it is confident enough.
 
-    unparsable (no answer JSON object), no_confidence (no confidence in [0, 1]), low_confidence (below
+    unparsable (no answer JSON object), no_confidence (`answer_confidence` is None), low_confidence (below
     `threshold`). The same rule serves `teleguard.evaluate.cascade`, so the offline evaluation escalates
     exactly what the server would.
     """
     parsed = parse_output(text, round_)
     if parsed.answer is None:
         return EscalationReason.UNPARSABLE
-    confidence = answer_confidence(text, round_)
+    confidence = answer_confidence(text, round_, logprobs)
     if confidence is None:
         return EscalationReason.NO_CONFIDENCE
     return EscalationReason.LOW_CONFIDENCE if confidence < threshold else None
@@ -89,9 +101,10 @@ def escalation_reason(text: str, round_: Round | str | None, threshold: float) -
 class CascadeGeneration(Generation):
     """A cascade's answer to one request: the answer used, and how the cascade came to it.
 
-    `text` is the large engine's answer when `answered_by` is "large", else the small engine's. `escalation`
-    is why the request went to the large engine (None: the small answer was confident); `escalation_error`
-    says why the large engine's answer is missing when an escalated request was answered by "small".
+    `text` (and `logprobs`) is the large engine's answer when `answered_by` is "large", else the small
+    engine's. `escalation` is why the request went to the large engine (None: the small answer was confident);
+    `small_confidence` the small answer's confidence as the escalation rule read it; `escalation_error` says
+    why the large engine's answer is missing when an escalated request was answered by "small".
     """
 
     answered_by: AnsweredBy = AnsweredBy.SMALL
@@ -146,7 +159,7 @@ class CascadeEngine:
             return []
         small = as_generations(list(await self.small(requests)), len(requests))
         reasons = [
-            escalation_reason(answer.text, request.round, self.threshold)
+            escalation_reason(answer.text, request.round, self.threshold, logprobs=answer.logprobs)
             for request, answer in zip(requests, small, strict=True)
         ]
         metrics = self.metrics
@@ -177,13 +190,16 @@ class CascadeEngine:
         out: list[CascadeGeneration] = []
         for i, (request, answer) in enumerate(zip(requests, small, strict=True)):
             reason = reasons[i]
-            confidence = answer_confidence(answer.text, request.round)
+            confidence = answer_confidence(answer.text, request.round, answer.logprobs)
             if reason is None:
-                result = CascadeGeneration(answer.text, answer.tokens, small_confidence=confidence)
+                result = CascadeGeneration(
+                    answer.text, answer.tokens, answer.logprobs, small_confidence=confidence
+                )
             elif i in large:
                 result = CascadeGeneration(
                     large[i].text,
                     _tokens(answer.tokens, large[i].tokens),
+                    large[i].logprobs,
                     answered_by=AnsweredBy.LARGE,
                     escalation=reason,
                     small_confidence=confidence,
@@ -193,6 +209,7 @@ class CascadeEngine:
                 result = CascadeGeneration(
                     answer.text,
                     answer.tokens,
+                    answer.logprobs,
                     escalation=reason,
                     small_confidence=confidence,
                     small_text=answer.text,

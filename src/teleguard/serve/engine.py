@@ -16,6 +16,9 @@ Clips (`EngineRequest.audios`, float32 arrays of shape (samples, 2) at 16 kHz) a
 in-memory PCM16 WAV bytes, the format training's clips were written in (`teleguard.data.audio.write_wav`);
 ms-swift loads them like its dataset files (librosa, mono, 16 kHz). Nothing touches the disk.
 
+Every kind asks for the generated tokens' log-probabilities (`EngineConfig.logprobs`) and returns them in
+`Generation.logprobs`; the policy reads the answer's confidence from them (`teleguard.contract.confidence`).
+
 Failures are `EngineFailure` (kind "error") and `EngineTimeout` (kind "timeout"), both `EngineError`s, so the
 server can answer 503 and count them apart. `with_timeout` puts a deadline on any `generate`.
 
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from teleguard.contract.confidence import token_logprobs
 from teleguard.serve.policy import EngineError, EngineRequest, Generate, Generation
 from teleguard.serve.protocol import SAMPLE_RATE
 
@@ -97,6 +101,9 @@ class EngineConfig(BaseModel):
     batch_wait_ms: float = Field(default=5.0, ge=0)  # transformers: how long a batch collects requests
     max_concurrency: int = Field(default=64, ge=1)  # remote: requests in flight at once
     engine_options: dict[str, Any] = Field(default_factory=dict)  # passed to ms-swift's engine as is
+    # Ask for the generated tokens' log-probabilities: the decisions' confidence is the model's probability of
+    # its label (teleguard.contract.confidence). Off (or an endpoint that sends none): the stated confidence.
+    logprobs: bool = True
     # A confidence cascade (teleguard.serve.cascade): this engine answers first; the requests whose answer is
     # unsure are asked again of `cascade.large`. None: no cascade.
     cascade: CascadeConfig | None = None
@@ -328,7 +335,11 @@ def _infer_request(request: EngineRequest) -> Any:
 def _generation(response: Any) -> Generation:
     choice = response.choices[0]
     usage = getattr(response, "usage", None)
-    return Generation(choice.message.content or "", getattr(usage, "completion_tokens", None))
+    return Generation(
+        choice.message.content or "",
+        getattr(usage, "completion_tokens", None),
+        token_logprobs(getattr(choice, "logprobs", None)),
+    )
 
 
 class SwiftServingEngine:
@@ -366,7 +377,7 @@ class SwiftServingEngine:
             engine_options=options,
         )
         # SwiftEngine's own generate() answers texts only; the serving path needs ms-swift's responses (token
-        # usage) and its async entry point, so it talks to the wrapped ms-swift engine.
+        # usage, logprobs) and its async entry point, so it talks to the wrapped ms-swift engine.
         self.engine = self.swift._engine
         self.batcher = (
             MicroBatcher(
@@ -379,7 +390,11 @@ class SwiftServingEngine:
     def _request_config(self, max_tokens: int) -> Any:
         from swift.infer_engine import RequestConfig
 
-        return RequestConfig(max_tokens=max_tokens, temperature=self.config.temperature)
+        # logprobs: ms-swift returns each generated token's logprob (transformers: log-softmax of the raw
+        # logits; vLLM: its sample logprobs) in the choice, the confidence's input
+        return RequestConfig(
+            max_tokens=max_tokens, temperature=self.config.temperature, logprobs=self.config.logprobs
+        )
 
     def _infer_batch(self, requests: list[EngineRequest]) -> list[Generation]:
         """One blocking engine call per distinct max_tokens (in practice one)."""
@@ -464,6 +479,7 @@ class RemoteEngine:
             timeout=httpx.Timeout(config.timeout_s),
             limits=httpx.Limits(max_connections=config.max_concurrency),
         )
+        self._warned_logprobs = False
 
     async def _one(self, request: EngineRequest) -> Generation:
         import httpx
@@ -474,6 +490,8 @@ class RemoteEngine:
             "max_tokens": self.config.max_tokens_for(request),
             "temperature": self.config.temperature,
         }
+        if self.config.logprobs:
+            body["logprobs"] = True  # the chosen tokens' logprobs, for the confidence; no alternatives
         try:
             response = await self.client.post(self.url, json=body)
         except httpx.TimeoutException as err:
@@ -492,7 +510,15 @@ class RemoteEngine:
                 f"{self.url}: not a chat-completions answer ({type(err).__name__}: {err})"
             ) from None
         tokens = (data.get("usage") or {}).get("completion_tokens")
-        return Generation(text, tokens if isinstance(tokens, int) else None)
+        logprobs = token_logprobs(data["choices"][0].get("logprobs")) if self.config.logprobs else None
+        if self.config.logprobs and logprobs is None and not self._warned_logprobs:
+            self._warned_logprobs = True
+            log.warning(
+                "%s sent no token logprobs: decisions use the confidence the answers state "
+                "(confidence_source 'stated')",
+                self.url,
+            )
+        return Generation(text, tokens if isinstance(tokens, int) else None, logprobs)
 
     async def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))

@@ -7,7 +7,10 @@ real-time prompts through `teleguard.data.rounds.RowBuilder`, same system messag
 1. scene (per `ask_scene`) and is_fraud: batched in one engine call, each opening its own conversation, or
    chained as SAFE-QAQ chains them (`chain_scene`: is_fraud follows the scene round's answer);
 2. an alert is raised when is_fraud is true with confidence >= `alert_threshold` (a missing confidence counts as
-   0, as in teleguard.evaluate);
+   0, as in teleguard.evaluate). The confidence is the model's own probability of the label it wrote, from the
+   answer tokens' log-probabilities the engine reports (`teleguard.contract.confidence`); the number the answer
+   states is kept beside it (`Decision.stated_confidence`) and stands in only for an engine that reports no
+   log-probabilities (`Decision.confidence_source` says which);
 3. after an alert, while the call's fraud type is unknown, round 3 asks it, continuing the is_fraud
    conversation with the model's own answer where training had the reference answer;
 4. after an alert the policy stops evaluating the call, unless `keep_monitoring_after_alert`.
@@ -29,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from teleguard.contract import STAGES, Mode, PromptSet, Round, Stage, load_prompts, parse_output
+from teleguard.contract.confidence import TokenLogprob, read_confidence
 from teleguard.contract.parser import ANSWER_END
 from teleguard.data.rounds import RowBuilder
 from teleguard.serve.protocol import Chunk, Decision, RequestError, Verdict
@@ -51,10 +55,13 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class Generation:
-    """An engine's answer with the number of tokens it generated (engines that know it return this)."""
+    """An engine's answer with the number of tokens it generated (engines that know it return this) and the
+    generated tokens' (text, logprob) pairs in order, from which the policy reads the answer's confidence
+    (`teleguard.contract.confidence`); None: the engine reported no log-probabilities."""
 
     text: str
     tokens: int | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 Generate = Callable[[Sequence[EngineRequest]], Awaitable[Sequence[str | Generation]]]
@@ -324,16 +331,23 @@ class DecisionPolicy(BaseModel):
     def decide(
         self, session: CallSession, snap: Snapshot, round_: Round, answer: Generation, latency: float
     ) -> Decision:
-        """Read one answer with the contract's parser, update the call's picture, and record the decision."""
+        """Read one answer with the contract's parser, update the call's picture, and record the decision.
+
+        The decision's confidence is the label's token probability when the engine reported log-probabilities
+        (None, with a problem, when the answer has no label span), else the stated number; an alert needs
+        is_fraud true and that confidence >= `alert_threshold`.
+        """
         parsed = parse_output(answer.text, round_)
         problems = list(parsed.problems)
         label = parsed.canonical_label
         if label is None and parsed.label is not None:
             problems.append(f"{round_.value} {parsed.label!r} is not a label; read as null")
-        confidence = parsed.confidence
-        if confidence is not None and not 0 <= confidence <= 1:
-            problems.append(f"confidence {confidence} is outside [0, 1]; read as missing")
-            confidence = None
+        if parsed.confidence is not None and not 0 <= parsed.confidence <= 1:
+            problems.append(f"confidence {parsed.confidence} is outside [0, 1]; read as missing")
+        read = read_confidence(answer.text, round_, answer.logprobs)
+        if read.problem:
+            problems.append(f"confidence: {read.problem}")
+        confidence = read.value
         stage = Stage(parsed.conversation_stage) if parsed.conversation_stage in STAGES else None
         if round_ is Round.SCENE and label is not None:
             session.scene = label  # type: ignore[assignment]
@@ -357,6 +371,8 @@ class DecisionPolicy(BaseModel):
             round=round_,
             conversation_stage=stage,
             confidence=confidence,
+            stated_confidence=read.stated,
+            confidence_source=read.source,
             reason=parsed.reason,
             alert=alert,
             insufficient=parsed.insufficient,

@@ -150,6 +150,12 @@ class Decision(_Message):
     `is_fraud`, `scene` and `fraud_type` are the call's picture after this decision (the latest valid answer
     of each round so far); `label` is this round's own answer. `alert` is set on an is_fraud decision that
     says fraud with confidence >= the policy's threshold.
+
+    `confidence` is the model's own probability of this round's label: exp of the summed log-probabilities of
+    the tokens that spell the label's JSON literal (`teleguard.contract.confidence`), None when the answer
+    has no label span (a problem says why). `stated_confidence` is the number the answer JSON states. An
+    engine that reports no log-probabilities leaves `confidence` to the stated number; `confidence_source`
+    says which it is ("tokens" or "stated").
     """
 
     call_id: CallId
@@ -160,6 +166,8 @@ class Decision(_Message):
     fraud_type: str | None = None
     scene: str | None = None
     confidence: float | None = Field(default=None, ge=0, le=1)
+    stated_confidence: float | None = Field(default=None, ge=0, le=1)  # the answer JSON's own number
+    confidence_source: Literal["tokens", "stated"] = "tokens"
     reason: str | None = None
     alert: bool = False
     insufficient: bool = False  # the model said it needs more of the call

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from teleguard.contract import Round, format_answer
-from teleguard.evaluate.cascade import evaluate_cascade, write_cascade_report
+from teleguard.contract.confidence import label_probability, label_span
+from teleguard.evaluate.cascade import (
+    cascade_markdown,
+    evaluate_cascade,
+    prediction_escalation,
+    write_cascade_report,
+)
 from teleguard.evaluate.metrics import RoundPrediction
 from teleguard.serve.cascade import (
     CascadeEngine,
@@ -478,3 +485,67 @@ def test_write_cascade_report(tmp_path: Path) -> None:
     assert (
         "| 1 | c1 | is_fraud | complete | 0 | low_confidence | 0.40 | fraud | normal | normal |" in markdown
     )
+
+
+def token_row(
+    call_id: str, gold: str, stated: float, token: float | None, label: bool = True
+) -> RoundPrediction:
+    """An is_fraud row stating `stated` whose measured token confidence is `token` (None: no label span)."""
+    return fraud_row(call_id, gold, answer(label, stated), confidence=token, confidence_source="tokens")
+
+
+def test_evaluate_cascade_escalates_on_the_token_confidence() -> None:
+    """The stated number and the token probability disagree; the escalation follows the token one."""
+    small = [
+        token_row("c0", "fraud", 0.9, 0.2),  # states 0.9, token 0.2: escalated (stated alone would not)
+        token_row("c1", "normal", 0.4, 0.8, label=False),  # states 0.4, token 0.8: kept (stated would go)
+        token_row("c2", "fraud", 1.0, None),  # tokens but no label span: no_confidence, not the stated 1.0
+        fraud_row("c3", "normal", "no idea", confidence_source="tokens"),  # unparsable
+        fraud_row("c4", "fraud", answer(True, 0.3)),  # no logprobs: the stated 0.3 decides
+    ]
+    large = [fraud_row(c, g, answer(g == "fraud", 0.9)) for c, g in [("c0", "fraud"), ("c1", "normal")]]
+    large += [fraud_row(c, g, answer(g == "fraud", 0.9)) for c, g in [("c2", "fraud"), ("c3", "normal")]]
+    large += [fraud_row("c4", "fraud", answer(True, 0.9))]
+    result = evaluate_cascade(small, large, threshold=0.5)
+    assert result["confidence_source"] == {"tokens": 4, "stated": 1}
+    assert [
+        (e["call_id"], e["reason"], e["small_confidence"], e["confidence_source"])
+        for e in result["escalated"]
+    ] == [
+        ("c0", "low_confidence", 0.2, "tokens"),
+        ("c2", "no_confidence", None, "tokens"),
+        ("c3", "unparsable", None, "tokens"),
+        ("c4", "low_confidence", 0.3, "stated"),
+    ]
+    assert result["escalation_reasons"] == {"low_confidence": 2, "no_confidence": 1, "unparsable": 1}
+    # the cascade's rows: c1 is the small model's (token confidence kept), the others the large model's
+    # (its outputs, stated only): 1 token row and 4 stated ones
+    assert result["cascade"]["confidence_source"] == {"tokens": 1, "stated": 4}
+    # small: c0, c1, c2, c4 right (4/5); large all right; cascade: c1 (small) + 4 large = 5/5
+    assert result["by_task"]["fraud"]["accuracy"] == pytest.approx(
+        {"small": 0.8, "large": 1.0, "cascade": 1.0}
+    )
+    # the same outputs read on the stated numbers only: c1 (0.4) escalates, c0 (0.9) and c2 (1.0) stay
+    stated = [replace(p, confidence=None, confidence_source=None) for p in small]
+    assert [e["call_id"] for e in evaluate_cascade(stated, large, 0.5)["escalated"]] == ["c1", "c3", "c4"]
+    markdown = cascade_markdown(result)
+    assert "token probability of the label for 4 rows, the number it states for 1" in markdown
+
+
+def test_offline_escalation_is_the_servers_on_the_same_tokens() -> None:
+    """`prediction_escalation` on the recorded token confidence is `escalation_reason` given the tokens."""
+    text = answer(True, 1.0)
+    start, end = label_span(text, Round.FRAUD)
+    for probability in (0.1, 0.5, 0.69, 0.7, 0.95):
+        tokens = [(text[:start], -0.01), (text[start:end], math.log(probability)), (text[end:], -0.2)]
+        measured = label_probability(text, tokens, Round.FRAUD).probability
+        p = fraud_row("c", "fraud", text, confidence=measured, confidence_source="tokens")
+        for threshold in (0.0, 0.5, 0.7, 1.0):
+            reason, confidence, source = prediction_escalation(p, threshold)
+            assert (confidence, source) == (measured, "tokens")
+            assert reason == escalation_reason(text, Round.FRAUD, threshold, logprobs=tokens)
+    # tokens that do not spell the answer: no label span on either side
+    wrong = [("<answer>{}</answer>", -0.1)]
+    assert label_probability(text, wrong, Round.FRAUD).probability is None
+    p = fraud_row("c", "fraud", text, confidence=None, confidence_source="tokens")
+    assert prediction_escalation(p, 0.5)[0] == escalation_reason(text, Round.FRAUD, 0.5, logprobs=wrong)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from teleguard.contract import format_answer
+from teleguard.contract.confidence import label_span
+from teleguard.engines import Completion, Prompt, SamplingParams
 from teleguard.evaluate import (
     RoundPrediction,
     classification_metrics,
@@ -15,6 +22,8 @@ from teleguard.evaluate import (
     predicted_label,
     write_report,
 )
+from teleguard.evaluate.metrics import prediction_confidence
+from teleguard.evaluate.run import predict, read_predictions, write_predictions
 
 INVEST, PHISH, BANK = "投资诈骗", "钓鱼诈骗", "银行诈骗"  # sorted by code point in this order
 
@@ -194,6 +203,155 @@ def test_realtime_metrics_with_an_alert_threshold() -> None:
     none = evaluate_predictions(realtime_rows(), alert_threshold=0.99)["realtime"]
     assert none["time_to_detection_s"] == {"mean": None, "median": None, "n_detected": 0, "n_fraud_calls": 2}
     assert none["detection_rate"] == 0.0
+
+
+_STATED = re.compile(r'"confidence": [0-9.]+')
+
+
+def stating(output: str, stated: float) -> str:
+    """`output` with its stated confidence replaced by `stated`."""
+    return _STATED.sub(f'"confidence": {stated}', output)
+
+
+def test_realtime_alerts_follow_the_token_confidence() -> None:
+    """Every answer states 1.0 (as trained models do); the token confidences are realtime_rows' stated
+    numbers, so at 0.5 the alerts are those of realtime_rows at 0.5, not those of "everything is sure"."""
+    token_rows = []
+    for p in realtime_rows():
+        stated = prediction_confidence(p)[0]
+        token_rows.append(
+            replace(p, output=stating(p.output, 1.0), confidence=stated, confidence_source="tokens")
+        )
+    rt = evaluate_predictions(token_rows, alert_threshold=0.5)["realtime"]
+    assert rt["confidence_source"] == {"tokens": 11, "stated": 0}
+    assert rt["time_to_detection_s"]["mean"] == pytest.approx(37.5)  # F2's 0.4 alert does not count
+    assert rt["early_detection_rate"] == 0.5
+    assert rt["false_alarm_rate"] == 0.0  # N2 states 1.0 but its token confidence is 0.3
+
+    # the same outputs without a measured confidence: the stated 1.0 stands in, and every "true" alerts
+    stated_rows = [replace(p, confidence=None, confidence_source=None) for p in token_rows]
+    rt = evaluate_predictions(stated_rows, alert_threshold=0.5)["realtime"]
+    assert rt["confidence_source"] == {"tokens": 0, "stated": 11}
+    assert rt["time_to_detection_s"]["mean"] == pytest.approx(25.0)
+    assert rt["false_alarm_rate"] == 0.5
+
+    # the other way round: an answer stating 0.1 whose token confidence is 0.9 alerts
+    low = fraud_out(True, stage="early_stage", confidence=0.1)
+    rows = [RoundPrediction("F", "is_fraud", "fraud", low, stage="early_stage", audio_length=7, audio_idx=1)]
+    assert evaluate_predictions(rows, alert_threshold=0.5)["realtime"]["detection_rate"] == 0.0
+    rows = [replace(rows[0], confidence=0.9, confidence_source="tokens")]
+    assert evaluate_predictions(rows, alert_threshold=0.5)["realtime"]["time_to_detection_s"]["mean"] == 7.0
+
+
+def test_a_measured_confidence_without_label_span_counts_as_zero() -> None:
+    """Tokens reported but no label span: None, read as 0 as the server does, not the stated 1.0."""
+    out = fraud_out(True, stage="early_stage", confidence=1.0)
+    measured = RoundPrediction("F", "is_fraud", "fraud", out, stage="early_stage", confidence_source="tokens")
+    assert prediction_confidence(measured) == (None, "tokens")
+    assert evaluate_predictions([measured], alert_threshold=0.5)["realtime"]["detection_rate"] == 0.0
+    assert evaluate_predictions([measured], alert_threshold=0.0)["realtime"]["detection_rate"] == 1.0
+    # not measured: the stated number, and one outside [0, 1] is missing (the server's reading)
+    assert prediction_confidence(replace(measured, confidence_source="stated")) == (1.0, "stated")
+    odd = replace(measured, output=stating(out, 1.5), confidence_source=None)
+    assert prediction_confidence(odd) == (None, "stated")
+    assert evaluate_predictions([odd], alert_threshold=0.5)["realtime"]["detection_rate"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+
+def label_tokens(text: str, task: str, probability: float) -> tuple[tuple[str, float], ...]:
+    """`text` as three tokens: before the label literal (logprob 0), the literal, after it (logprob 0)."""
+    start, end = label_span(text, task)
+    return ((text[:start], 0.0), (text[start:end], math.log(probability)), (text[end:], 0.0))
+
+
+class CompletionsEngine:
+    """Answers each prompt with the answer named in its user message, with tokens of known logprobs."""
+
+    def __init__(self, answers: dict[str, tuple[str, float]]) -> None:
+        self.answers = answers
+        self.batches: list[int] = []
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[str]]:
+        raise AssertionError("predict asks for completions when the engine has them")
+
+    def generate_completions(
+        self, prompts: Sequence[Prompt], params: SamplingParams
+    ) -> list[list[Completion]]:
+        assert params.temperature == 0.0 and params.n == 1
+        self.batches.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            call_id = prompt.messages[-1]["content"]
+            text, probability = self.answers[call_id]
+            out.append([Completion(text, label_tokens(text, "is_fraud", probability))])
+        return out
+
+
+class TextEngine:
+    """A plain `generate` engine: texts, no log-probabilities."""
+
+    def __init__(self, answers: dict[str, tuple[str, float]]) -> None:
+        self.answers = answers
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[str]]:
+        return [[self.answers[p.messages[-1]["content"]][0]] for p in prompts]
+
+
+def eval_row(call_id: str, gold: str, seconds: float) -> dict[str, Any]:
+    return {
+        "call_id": call_id,
+        "task": "is_fraud",
+        "answers": gold,
+        "messages": [{"role": "user", "content": call_id}, {"role": "assistant", "content": "x"}],
+        "conversation_stage": "early_stage",
+        "audio_length": seconds,
+        "audio_idx": 1,
+    }
+
+
+def test_predict_records_the_token_confidence(tmp_path: Path) -> None:
+    # F states 1.0 but gives "true" 0.3; N states 0.2 but gives "true" 0.9; G states 1.0, gives it 0.8
+    answers = {
+        "F": (fraud_out(True, stage="early_stage", confidence=1.0), 0.3),
+        "N": (fraud_out(True, stage="early_stage", confidence=0.2), 0.9),
+        "G": (fraud_out(True, stage="early_stage", confidence=1.0), 0.8),
+    }
+    rows = [eval_row("F", "fraud", 5.0), eval_row("N", "normal", 6.0), eval_row("G", "fraud", 9.0)]
+    engine = CompletionsEngine(answers)
+    preds = predict(engine, rows, max_tokens=64, batch_size=2)
+    assert engine.batches == [2, 1]
+    assert [p.confidence for p in preds] == pytest.approx([0.3, 0.9, 0.8])
+    assert {p.confidence_source for p in preds} == {"tokens"}
+    assert [p.output for p in preds] == [answers[c][0] for c in "FNG"]
+    rt = evaluate_predictions(preds, alert_threshold=0.5)["realtime"]
+    assert rt["confidence_source"] == {"tokens": 3, "stated": 0}
+    # F's 0.3 does not alert, G's 0.8 does; N's 0.9 is a false alarm although it states 0.2
+    assert (rt["detection_rate"], rt["time_to_detection_s"]["mean"], rt["false_alarm_rate"]) == (
+        0.5,
+        9.0,
+        1.0,
+    )
+    # kept as written: the metrics recomputed from the predictions file are the same
+    write_predictions(tmp_path / "p.jsonl", preds)
+    assert read_predictions(tmp_path / "p.jsonl") == preds
+
+    # a plain generate engine: no confidence measured, the stated numbers decide
+    plain = predict(TextEngine(answers), rows, max_tokens=64, batch_size=2)
+    assert [(p.confidence, p.confidence_source) for p in plain] == [(None, "stated")] * 3
+    rt = evaluate_predictions(plain, alert_threshold=0.5)["realtime"]
+    assert rt["confidence_source"] == {"tokens": 0, "stated": 3}
+    # F and G (stated 1.0) alert: TTD (5 + 9) / 2; N states 0.2: no false alarm
+    assert (rt["detection_rate"], rt["time_to_detection_s"]["mean"], rt["false_alarm_rate"]) == (
+        1.0,
+        7.0,
+        0.0,
+    )
+    # predictions written before confidence_source existed still read
+    legacy = {k: v for k, v in plain[0].__dict__.items() if k not in ("confidence", "confidence_source")}
+    (tmp_path / "old.jsonl").write_text(json.dumps(legacy) + "\n", "utf-8")
+    assert read_predictions(tmp_path / "old.jsonl") == [replace(plain[0], confidence_source=None)]
 
 
 def test_inconsistent_input_is_rejected() -> None:

@@ -2,10 +2,13 @@
 
 Given the outputs of a small and a large model for the same rows (prompts), `evaluate_cascade` replays the
 serving cascade (`teleguard.serve.cascade`) row by row with the same escalation rule
-(`teleguard.serve.cascade.escalation_reason`: no answer JSON, no confidence in [0, 1], or a confidence below the
-threshold) and scores the small model alone, the large model alone and the cascade (the small answer where it
-is confident, else the large one) with `evaluate_predictions`. `write_cascade_report` writes the result as
-cascade.json and cascade.md.
+(`teleguard.serve.cascade.escalation_reason`: no answer JSON, no confidence, or a confidence below the
+threshold) on the same confidence: the small model's token probability of its label when it was measured
+(`RoundPrediction.confidence`, as `teleguard.evaluate.run.predict` records it from the engine's
+log-probabilities), else the number its output states, in [0, 1]
+(`teleguard.evaluate.metrics.prediction_confidence`). It scores the small model alone, the large model alone
+and the cascade (the small answer where it is confident, else the large one) with `evaluate_predictions`.
+`write_cascade_report` writes the result as cascade.json and cascade.md.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from teleguard.contract.confidence import ConfidenceSource
 from teleguard.contract.labels import Round
-from teleguard.evaluate.metrics import TASK_KEYS, RoundPrediction, evaluate_predictions, predicted_label
-from teleguard.serve.cascade import answer_confidence, escalation_reason
+from teleguard.contract.parser import parse_output
+from teleguard.evaluate.metrics import (
+    TASK_KEYS,
+    RoundPrediction,
+    confidence_sources,
+    evaluate_predictions,
+    predicted_label,
+    prediction_confidence,
+)
+from teleguard.serve.cascade import escalation_reason
 from teleguard.serve.metrics import EscalationReason
 
 MODELS = ("small", "large", "cascade")
@@ -65,16 +77,41 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def prediction_escalation(
+    p: RoundPrediction, threshold: float
+) -> tuple[EscalationReason | None, float | None, ConfidenceSource]:
+    """Why the serving cascade would send this small-model answer to the large engine (None: it would not),
+    with the confidence it decided on and that confidence's source (`prediction_confidence`).
+
+    A stated confidence goes through `escalation_reason` itself (the server's rule for an engine without
+    log-probabilities); a token confidence through the same rule on the measured number: unparsable when
+    the output has no answer JSON, no_confidence when there is no label span (None), low_confidence below
+    `threshold`, as `escalation_reason` does with the answer's logprobs.
+    """
+    round_ = Round(p.task)
+    confidence, source = prediction_confidence(p)
+    if source == "stated":
+        return escalation_reason(p.output, round_, threshold), confidence, source
+    if parse_output(p.output, round_).answer is None:
+        return EscalationReason.UNPARSABLE, confidence, source
+    if confidence is None:
+        return EscalationReason.NO_CONFIDENCE, confidence, source
+    return (EscalationReason.LOW_CONFIDENCE if confidence < threshold else None), confidence, source
+
+
 def evaluate_cascade(
     small: Sequence[RoundPrediction], large: Sequence[RoundPrediction], threshold: float
 ) -> dict[str, Any]:
     """Score the small model, the large model and their cascade at `threshold` on the rows both answered.
 
-    A row is escalated when the small model's output is unsure (the serving cascade's rule); the cascade's
-    output is then the large model's, else the small model's. Result keys:
+    A row is escalated when the small model's output is unsure (the serving cascade's rule, on the token
+    confidence when it was measured, else the stated one: `prediction_escalation`); the cascade's row is then
+    the large model's (output and confidence), else the small model's. Result keys:
 
     - "threshold"; "n_rows": rows both models answered; "n_unmatched": {"small", "large"}: rows only one did
       (left out of everything below);
+    - "confidence_source": {"tokens", "stated"}: how many of the small model's paired rows were decided on
+      its token confidence, how many on the stated number;
     - "n_escalated", "escalation_rate" (escalated / n_rows), "escalation_reasons": {low_confidence,
       no_confidence, unparsable: count};
     - "by_task": per task present ("scene", "fraud", "fraud_type"): "n_rows", "n_escalated",
@@ -83,8 +120,9 @@ def evaluate_cascade(
       {"small", "large", "cascade"};
     - "small", "large", "cascade": the full `evaluate_predictions` result of each on the paired rows;
     - "escalated": one entry per escalated row, in the small model's order: "row" (its index in `small`),
-      "call_id", "task", "stage", "audio_idx", "audio_length", "gold", "reason", "small_confidence",
-      "small_label", "large_label"; "escalated_call_ids": the sorted distinct call ids among them.
+      "call_id", "task", "stage", "audio_idx", "audio_length", "gold", "reason", "small_confidence" (the
+      confidence the rule read), "confidence_source", "small_label", "large_label"; "escalated_call_ids":
+      the sorted distinct call ids among them.
     """
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -93,10 +131,11 @@ def evaluate_cascade(
     escalated: list[dict[str, Any]] = []
     reasons = dict.fromkeys((r.value for r in EscalationReason), 0)
     for index, s, g in pairs:
-        reason = escalation_reason(s.output, Round(s.task), threshold)
+        reason, confidence, source = prediction_escalation(s, threshold)
         rows["small"].append(s)
         rows["large"].append(g)
-        rows["cascade"].append(s if reason is None else replace(s, output=g.output))
+        answered = replace(s, output=g.output, confidence=g.confidence, confidence_source=g.confidence_source)
+        rows["cascade"].append(s if reason is None else answered)
         if reason is None:
             continue
         reasons[reason.value] += 1
@@ -110,7 +149,8 @@ def evaluate_cascade(
                 "audio_length": s.audio_length,
                 "gold": s.gold,
                 "reason": reason.value,
-                "small_confidence": answer_confidence(s.output, Round(s.task)),
+                "small_confidence": confidence,
+                "confidence_source": source,
                 "small_label": predicted_label(s),
                 "large_label": predicted_label(g),
             }
@@ -135,6 +175,7 @@ def evaluate_cascade(
         "threshold": threshold,
         "n_rows": len(pairs),
         "n_unmatched": {"small": unmatched_small, "large": unmatched_large},
+        "confidence_source": confidence_sources(rows["small"]),
         "n_escalated": len(escalated),
         "escalation_rate": _ratio(len(escalated), len(pairs)),
         "escalation_reasons": reasons,
@@ -174,6 +215,10 @@ def cascade_markdown(result: dict[str, Any]) -> str:
         f"Rows answered by both models: {result['n_rows']} (only the small model: "
         f"{result['n_unmatched']['small']}, only the large model: {result['n_unmatched']['large']}). "
         f"Escalated to the large model: {result['n_escalated']} ({result['escalation_rate']:.1%}).",
+        "",
+        f"The small model's confidence: its token probability of the label for "
+        f"{result['confidence_source']['tokens']} rows, the number it states for "
+        f"{result['confidence_source']['stated']} (an engine without log-probabilities).",
         "",
         *_table(
             ["reason", "rows"],

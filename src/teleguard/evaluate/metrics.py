@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from teleguard.contract.confidence import ConfidenceSource
 from teleguard.contract.labels import FRAUD, NORMAL, STAGES, Round, Stage
 from teleguard.contract.parser import ParsedOutput, parse_output
 
@@ -39,6 +40,46 @@ class RoundPrediction:
     # The model's probability of the output's label (teleguard.contract.confidence, the detector's confidence;
     # `teleguard.engines.Completion.confidence`); None: not measured, or the output has no label span.
     confidence: float | None = None
+    # "tokens": the engine reported the output's token logprobs, so `confidence` is the measured one (None: no
+    # label span, read as missing, as the server does); "stated" or None (not recorded): a None `confidence`
+    # means not measured and the output's stated number stands in (`prediction_confidence`).
+    confidence_source: ConfidenceSource | None = None
+
+
+def _measured(p: RoundPrediction) -> bool:
+    return p.confidence is not None or p.confidence_source == "tokens"
+
+
+def _stated(parsed: ParsedOutput) -> float | None:
+    # as teleguard.contract.confidence.read_confidence: a stated number outside [0, 1] is missing
+    stated = parsed.confidence
+    return stated if stated is not None and 0 <= stated <= 1 else None
+
+
+def prediction_confidence(
+    p: RoundPrediction, parsed: ParsedOutput | None = None
+) -> tuple[float | None, ConfidenceSource]:
+    """The confidence a prediction's decisions use, and where it came from, as the server reads it.
+
+    The token confidence (`p.confidence`, source "tokens") when it was measured: `p.confidence` is a number,
+    or `p.confidence_source` is "tokens" (measured, no label span: None, which alerts count as 0 and the
+    cascade escalates as no_confidence). Otherwise the number the output states, in [0, 1] (source "stated";
+    None when it states none), what the server falls back to for an engine without log-probabilities.
+    `parsed` is `p.output` already parsed for its round (parsed here when not given).
+    """
+    if _measured(p):
+        return p.confidence, "tokens"
+    if parsed is None:
+        parsed = parse_output(p.output, round=Round(p.task))
+    return _stated(parsed), "stated"
+
+
+def confidence_sources(preds: Sequence[RoundPrediction]) -> dict[str, int]:
+    """How many predictions' confidence is the token one and how many the stated one: {"tokens", "stated"}."""
+    counts = dict.fromkeys(("tokens", "stated"), 0)
+    for p in preds:
+        counts["tokens" if _measured(p) else "stated"] += 1
+    return counts
 
 
 def _label_of(parsed: ParsedOutput, round_: Round) -> str:
@@ -129,16 +170,18 @@ def _realtime(rows: Sequence[tuple[RoundPrediction, ParsedOutput]], alert_thresh
         if gold_of_call.setdefault(p.call_id, p.gold) != p.gold:
             raise ValueError(f"call {p.call_id}: its is_fraud rows disagree on the gold label")
 
-    def flagged(o: ParsedOutput) -> bool:
-        # A missing confidence counts as 0: it raises an alert only when the threshold is 0.
-        return o.canonical_label is True and (o.confidence or 0.0) >= alert_threshold
+    def flagged(p: RoundPrediction, o: ParsedOutput) -> bool:
+        # The server's rule (teleguard.serve.policy): the token confidence, else the stated one; a missing
+        # confidence counts as 0, so it raises an alert only when the threshold is 0.
+        confidence, _ = prediction_confidence(p, o)
+        return o.canonical_label is True and (confidence or 0.0) >= alert_threshold
 
     seconds: dict[str, float] = {}  # fraud call -> audio seconds at its first alert
     turns: dict[str, int] = {}  # fraud call -> turns at its first alert
     early: set[str] = set()
     false_alarms: set[str] = set()
     for p, o in rows:
-        if not flagged(o):
+        if not flagged(p, o):
             continue
         if p.gold == FRAUD:
             seconds[p.call_id] = min(seconds.get(p.call_id, p.audio_length), p.audio_length)
@@ -158,6 +201,7 @@ def _realtime(rows: Sequence[tuple[RoundPrediction, ParsedOutput]], alert_thresh
             by_stage[stage] = {"n_rows": len(staged), "accuracy": _ratio(correct, len(staged))}
     return {
         "alert_threshold": alert_threshold,
+        "confidence_source": confidence_sources([p for p, _ in rows]),
         "n_rows": len(rows),
         "n_fraud_calls": len(fraud_calls),
         "n_normal_calls": len(normal_calls),
@@ -182,13 +226,18 @@ def evaluate_predictions(preds: Sequence[RoundPrediction], *, alert_threshold: f
 
     - "n_outputs", "well_formed_rate" (share of outputs that pass the format reward's test,
       `ParsedOutput.well_formed`), "mean_think_length" (mean SAFE-QAQ think-length estimate per output, 0 for
-      an output without a think block): over all outputs of all rounds and stages;
+      an output without a think block), "confidence_source" ({"tokens", "stated"}: how many outputs carry
+      the model's token confidence, how many only the stated number; see `prediction_confidence`): over all
+      outputs of all rounds and stages;
     - "scene", "fraud" (the is_fraud round), "fraud_type", for each round present:
       `classification_metrics` over that round's rows with stage "complete" (prefixes are judged in
       "realtime"), plus "n_outputs", "well_formed_rate" and "mean_think_length" over *all* that round's rows;
     - "realtime", only when some row is a prefix (stage early_stage / late_stage), computed over the
       is_fraud rows of every stage. A row *alerts* when it predicts is_fraud true with confidence
-      >= `alert_threshold` (a missing confidence counts as 0).
+      >= `alert_threshold` (a missing confidence counts as 0), as the server decides: the confidence is the
+      model's token probability of its label when it was measured (`RoundPrediction.confidence`), else the
+      number the output states (`prediction_confidence`).
+      - "confidence_source": {"tokens", "stated"}: how many of these rows read which confidence;
       - "stage_accuracy": share of rows whose predicted conversation_stage equals the gold stage;
       - "fraud_accuracy_by_stage": per gold stage, the is_fraud accuracy of its rows (null = wrong);
       - "time_to_detection_s": per fraud call, the smallest audio_length among its alerting rows; mean and
@@ -205,6 +254,7 @@ def evaluate_predictions(preds: Sequence[RoundPrediction], *, alert_threshold: f
     # Parse each output once; every metric below reads these.
     parsed = [(p, parse_output(p.output, round=Round(p.task))) for p in preds]
     result: dict[str, Any] = _format_stats([o for _, o in parsed])
+    result["confidence_source"] = confidence_sources(preds)
     for round_ in Round:
         rows = [(p, o) for p, o in parsed if Round(p.task) is round_]
         if not rows:

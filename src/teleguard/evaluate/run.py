@@ -2,7 +2,9 @@
 
 For each stage's model: greedy answers to every round of the eval split's whole calls (`grpo.jsonl`) and, when
 asked, of its streaming prefixes (`realtime.jsonl`); then `evaluate_predictions` and a report comparing the
-stages. Each evaluation set built beside the splits (`<datasets>/eval_sets/<set>/grpo.jsonl`, docs/eval-sets.md)
+stages. Engines that report token log-probabilities (`generate_completions`) give each prediction the
+detector's confidence, the model's probability of its label, which alerts decide on as in serving. Each
+evaluation set built beside the splits (`<datasets>/eval_sets/<set>/grpo.jsonl`, docs/eval-sets.md)
 is evaluated the same way, its whole-call rows only, into `results[stage]["eval_sets"][set]`. Predictions are
 kept (`predictions-<stage>.jsonl`, `predictions-<stage>-<set>.jsonl`) so metrics can be recomputed without a
 model.
@@ -17,7 +19,7 @@ from typing import Any
 
 from teleguard.contract.labels import Stage
 from teleguard.data.eval_sets import EVAL_SETS, EVAL_SETS_DIR
-from teleguard.engines import Engine, SamplingParams, prompt_of_row
+from teleguard.engines import Completion, Engine, SamplingParams, prompt_of_row
 from teleguard.evaluate.metrics import RoundPrediction, evaluate_predictions
 from teleguard.evaluate.report import write_report
 
@@ -52,22 +54,35 @@ def read_eval_sets(datasets: Path, *, limit: int | None) -> dict[str, list[dict[
 def predict(
     engine: Engine, rows: Sequence[dict[str, Any]], max_tokens: int, batch_size: int
 ) -> list[RoundPrediction]:
+    """Greedy answers of `engine` to `rows`, one `RoundPrediction` each.
+
+    An engine with `generate_completions` (`teleguard.engines.SwiftEngine`) also reports the answer tokens'
+    log-probabilities, so each prediction carries the detector's confidence, the model's probability of its
+    label (`Completion.confidence`, source "tokens"), read as the server reads it. A plain `generate` engine
+    gives texts only: no confidence is measured and the metrics read the stated number (source "stated").
+    """
     params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
-    outputs: list[str] = []
+    completions: list[Completion] = []
+    generate_completions = getattr(engine, "generate_completions", None)
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        outputs += [outs[0] for outs in engine.generate([prompt_of_row(r) for r in batch], params)]
+        prompts = [prompt_of_row(r) for r in rows[start : start + batch_size]]
+        if generate_completions is not None:
+            completions += [outs[0] for outs in generate_completions(prompts, params)]
+        else:
+            completions += [Completion(outs[0]) for outs in engine.generate(prompts, params)]
     return [
         RoundPrediction(
             call_id=row["call_id"],
             task=row["task"],
             gold=row["answers"],
-            output=output,
+            output=completion.text,
             stage=row.get("conversation_stage", "complete"),
             audio_length=float(row.get("audio_length", 0.0)),
             audio_idx=int(row.get("audio_idx", 0)),
+            confidence=completion.confidence(row["task"]),
+            confidence_source="stated" if completion.logprobs is None else "tokens",
         )
-        for row, output in zip(rows, outputs, strict=True)
+        for row, completion in zip(rows, completions, strict=True)
     ]
 
 

@@ -41,12 +41,13 @@ def gold_by_call(split: Path) -> dict[str, str]:
 
 
 def reference_answers(split: Path) -> dict[str, str]:
-    """call_id -> the reference is_fraud answer (think + answer) of the split's SFT targets."""
-    found = {}
+    """call_id -> the reference is_fraud answer (think + answer) of the split's whole-call SFT targets (the
+    call's first is_fraud target; its real-time rows follow it)."""
+    found: dict[str, str] = {}
     for row in read_jsonl(split / "sft.jsonl"):
         for m in row["messages"]:
             if m["role"] == "assistant" and parse_output(m["content"]).round is Round.FRAUD:
-                found[row["call_id"]] = m["content"]
+                found.setdefault(row["call_id"], m["content"])
     return found
 
 
@@ -57,15 +58,15 @@ def test_rows_are_labelled_right_balanced_and_deterministic(text_datasets: Path)
     split = text_datasets / "train"
     rows = classifier_rows(split, None)
     gold = gold_by_call(split)
-    prompts = builtin_prompts("zh")
+    references = reference_answers(split)
     assert {r["call_id"] for r in rows} == set(gold)  # every call of the is_fraud round
     for row in rows:
         assert set(row) >= {"messages", "label"}
         assert row["messages"] == [{"role": "user", "content": row["messages"][0]["content"]}]
         assert row["label"] == (1 if gold[row["call_id"]] == "fraud" else 0)
         text = row["messages"][0]["content"]
-        if row["kind"] == "reasoning":  # the reference reasoning of the call's verdict
-            assert text == (prompts.rationales.fraud if row["label"] else prompts.rationales.normal)
+        if row["kind"] == "reasoning":  # the reference reasoning of the call's verdict, the call's own
+            assert text == parse_output(references[row["call_id"]]).think
         else:  # the transcript, without the prompt's instructions
             assert text.startswith(("左：", "右：")) and "<think>" not in text and "请判断" not in text
     labels = [r["label"] for r in rows]

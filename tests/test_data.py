@@ -269,25 +269,33 @@ def test_transcript_cut_and_evidence_in_reasoning() -> None:
     assert call.transcript()[:12] in row["messages"][1]["content"]
     assert call.transcript()[:13] not in row["messages"][1]["content"]
     think = parse_output(row["messages"][2]["content"]).think
-    assert think is not None and think.startswith("来电方说：“字字字字字”")
+    # the caller's words, cut to evidence_chars, open the reasoning
+    assert think is not None and think.startswith(builtin_prompts("zh").evidence("字字字字字"))
+    assert "字字字字字字" not in think
 
 
 def test_reference_answers_earn_full_rewards() -> None:
-    builder = RowBuilder(builtin_prompts("en"), "realtime", "text")
-    call = estimate_times(call_of(6))
-    prefix = cut_prefixes(call)[0]
-    rows = builder.grpo_rows(Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s))
-    [sft] = RowBuilder(builtin_prompts("en"), "realtime", "text").sft_rows(
-        Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s)
-    )
-    targets = [m["content"] for m in sft["messages"] if m["role"] == "assistant"]
-    columns = {
-        "answers": [r["answers"] for r in rows],
-        "conversation_stage": [r["conversation_stage"] for r in rows],
-    }
-    assert REWARDS["prompt_format"](targets) == [1.0, 1.0]
-    assert REWARDS["adaptive_classification"](targets, **columns) == [5.0, 5.0]
-    assert REWARDS["stage_classification"](targets, **columns) == [5.0, 5.0]
+    # an early prefix with evidence gets labelled targets for both rounds; one without gets a null is_fraud
+    # ("information insufficient") and no fraud-type round, as the detector asks it only after a fraud answer
+    plain = estimate_times(call_of(6))
+    turns = (Turn(speaker="left", text="请您提供验证码，马上转账到安全账户"), *plain.turns[1:])
+    telling = estimate_times(call_of(6).model_copy(update={"turns": turns}))
+    for call, rounds in ((telling, 2), (plain, 1)):
+        prefix = cut_prefixes(call)[0]
+        assert prefix.stage == Stage.EARLY
+        sample = Sample(prefix.call, prefix.parent_id, prefix.stage, prefix.turns, prefix.end_s)
+        rows = RowBuilder(builtin_prompts("en"), "realtime", "text").grpo_rows(sample)
+        [sft] = RowBuilder(builtin_prompts("en"), "realtime", "text").sft_rows(sample)
+        targets = [m["content"] for m in sft["messages"] if m["role"] == "assistant"]
+        assert len(targets) == rounds
+        columns = {
+            "answers": [r["answers"] for r in rows[:rounds]],
+            "conversation_stage": [r["conversation_stage"] for r in rows[:rounds]],
+        }
+        assert REWARDS["prompt_format"](targets) == [1.0] * rounds
+        assert REWARDS["adaptive_classification"](targets, **columns) == [5.0] * rounds
+        assert REWARDS["stage_classification"](targets, **columns) == [5.0] * rounds
+        assert parse_output(targets[0]).insufficient is (rounds == 1)
 
 
 def test_audio_rows_put_one_audio_tag_per_clip() -> None:
@@ -339,10 +347,12 @@ def test_built_datasets_keep_test_calls_out_of_training(tmp_path: Path, all_call
     assert train_ids == {c.call_id for c in parts["train"]} and test_ids <= {c.call_id for c in parts["test"]}
     assert not train_ids & test_ids
     card = json.loads((tmp_path / "train" / "card.json").read_text("utf-8"))
-    # one conversation per call, two for calls with a scene (scene and is_fraud are asked separately)
-    assert card["rows"]["sft_rows"] == len(parts["train"]) + sum(
-        c.labels.scene is not None for c in parts["train"]
-    )
+    # offline: one conversation per call, two for calls with a scene (scene and is_fraud are asked separately);
+    # as many real-time rows again, from one streaming prefix per call (the default)
+    conversations = len(parts["train"]) + sum(c.labels.scene is not None for c in parts["train"])
+    assert card["rows"]["sft_rows"] - card["rows"]["sft_realtime_rows"] == conversations
+    assert card["rows"]["sft_realtime_rows"] == conversations
+    assert sum(card["sft_realtime_prefixes_per_stage"].values()) == len(parts["train"])
     assert set(card["realtime_rows_per_stage"]) == {"early_stage", "late_stage", "complete"}
 
 
@@ -435,8 +445,11 @@ def test_built_dataset_round_trips_through_s3_with_checksums(
     manifest = storage.verify("s3://teleguard-data/datasets/text")
     assert {"train/grpo.jsonl", "dev/realtime.jsonl", "test/card.json"} <= {f.path for f in manifest.files}
     local = storage.get_dir("s3://teleguard-data/datasets/text", tmp_path / "copy")
-    dev_rows = len((tmp_path / "copy" / "dev" / "sft.jsonl").read_text("utf-8").splitlines())
-    assert abs(dev_rows - 1977 * 0.5) <= 7  # half of each of the 7 scenes, rounded per scene
+    dev_rows = [
+        json.loads(x) for x in (tmp_path / "copy" / "dev" / "sft.jsonl").read_text("utf-8").splitlines()
+    ]
+    offline = [r for r in dev_rows if r["mode"] == "offline"]  # one chained conversation per call
+    assert abs(len(offline) - 1977 * 0.5) <= 7  # half of each of the 7 scenes, rounded per scene
     assert local.files == manifest.files
 
     # corrupt one object behind the manifest's back: both checks name it

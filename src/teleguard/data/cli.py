@@ -189,8 +189,11 @@ def build_command(
         int | None, typer.Option(help="cut transcripts in prompts (CPU budgets)")
     ] = None,
     evidence_chars: Annotated[
-        int | None, typer.Option(help="quote the caller in reference reasoning")
+        int | None, typer.Option(help="longest quote of the call in reference reasoning (default 40)")
     ] = None,
+    realtime_sft: Annotated[
+        int, typer.Option(min=0, help="streaming prefixes per call that also become real-time SFT rows")
+    ] = 1,
     eval_sets: Annotated[
         str,
         typer.Option(help="evaluation sets drawn from the test split: all, none, or names (gold,very_short)"),
@@ -228,6 +231,7 @@ def build_command(
                 chain_scene=chain_scene,
                 max_transcript_chars=max_transcript_chars,
                 evidence_chars=evidence_chars,
+                realtime_sft=realtime_sft,
                 eval_sets=wanted,
                 eval_set_size=eval_set_size,
                 eval_set_seed=eval_set_seed,

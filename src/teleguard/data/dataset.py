@@ -3,12 +3,16 @@
 A calls folder holds `calls.jsonl` (teleguard's record format) and a dataset card; a splits folder holds one
 calls folder per split (train/dev/test). `build_datasets` turns a splits folder into, per split:
 
-    <split>/sft.jsonl       warm-start SFT: whole calls, offline prompts, assistant targets for every round
+    <split>/sft.jsonl       warm-start SFT: whole calls, offline prompts, assistant targets for every round;
+                            then, per call, real-time rows (`realtime_sft` of its streaming prefixes, the prompts
+                            the detector sends at its policy points; column `mode`: offline / realtime)
     <split>/grpo.jsonl      stage 1 / 2a / 2c: whole calls, offline prompts, prompt-only rows with ground truth
     <split>/realtime.jsonl  stage 3: streaming prefixes labelled early_stage / late_stage / complete
     <split>/card.json       what the split holds
 
 in one modality (text: the transcript in the prompt; audio: the audio in `audios`, clipped to <= 30 s).
+Every target and reference answer reasons from its own call (teleguard.data.evidence); the card reports the
+distinct-reasoning rate and how often the quoted evidence is in the call (`reasoning`).
 From the test split it also builds the evaluation sets (teleguard.data.eval_sets, docs/eval-sets.md):
 
     eval_sets/<name>/grpo.jsonl  whole-call rows of one set, built like the test split's grpo.jsonl
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +33,7 @@ from typing import Any
 
 from rich.progress import track
 
-from teleguard.contract import Mode, load_prompts
+from teleguard.contract import Mode, Stage, load_prompts, parse_output
 from teleguard.data.card import call_card, write_card
 from teleguard.data.eval_sets import (
     AUDIO_SETS,
@@ -39,14 +44,16 @@ from teleguard.data.eval_sets import (
     check_names,
     make_eval_sets,
 )
+from teleguard.data.evidence import DEFAULT_QUOTE_CHARS, RationaleWriter, reasoning_figures
 from teleguard.data.ingest import ingest
-from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
+from teleguard.data.prefixes import Prefix, PrefixPolicy, cut_prefixes
 from teleguard.data.records import CallRecord
 from teleguard.data.rounds import Modality, RowBuilder, Sample, sample_of_call
 from teleguard.data.splits import SPLITS
 from teleguard.data.timing import SpeechRate, estimate_times
 
 CALLS_FILE = "calls.jsonl"
+REALTIME_SFT_PREFIXES = 1  # real-time SFT rows per call by default: CPU warm starts stay fast
 
 # (call, end second or None for the whole call, cut number) -> audio clip paths
 ClipMaker = Callable[[CallRecord, float | None, int], Sequence[str]]
@@ -106,14 +113,19 @@ def build_split(
     chain_scene: bool | None = None,
     max_transcript_chars: int | None = None,
     evidence_chars: int | None = None,
+    realtime_sft: int = REALTIME_SFT_PREFIXES,
 ) -> dict[str, Any]:
     """The three datasets of one split; returns its card.
 
     `chain_scene=None` chains the is_fraud round onto the scene round only when every call has a scene label
-    (see RowBuilder: otherwise the conversation's shape would leak the label).
+    (see RowBuilder: otherwise the conversation's shape would leak the label). `realtime_sft`: how many of a
+    call's streaming prefixes (the proper ones first: early and late stage) also become real-time SFT rows in
+    sft.jsonl (0: none). `evidence_chars`: the longest quote of the call in reference reasoning (default 40).
     """
     if modality == "audio" and clip_maker is None:
         raise ValueError("the audio modality needs a clip maker (teleguard.data.audio)")
+    if realtime_sft < 0:
+        raise ValueError(f"realtime_sft must be 0 or more, got {realtime_sft}")
     if chain_scene is None:
         chain_scene = bool(calls) and all(c.labels.scene is not None for c in calls)
     prompt_set = load_prompts(prompts)
@@ -122,22 +134,41 @@ def build_split(
         "max_transcript_chars": max_transcript_chars,
         "evidence_chars": evidence_chars,
     }
-    offline = RowBuilder(prompt_set, Mode.OFFLINE, modality, **knobs)
-    realtime = RowBuilder(prompt_set, Mode.REALTIME, modality, **knobs)
+    # one writer for both builders: no two targets or reference answers of the split share a think
+    writer = RationaleWriter(prompt_set, quote_chars=evidence_chars or DEFAULT_QUOTE_CHARS)
+    offline = RowBuilder(prompt_set, Mode.OFFLINE, modality, **knobs, writer=writer)
+    realtime = RowBuilder(prompt_set, Mode.REALTIME, modality, **knobs, writer=writer)
     out.mkdir(parents=True, exist_ok=True)
     sft, grpo, live = [], [], []
+    targets: list[tuple[str, str]] = []  # (the call's transcript, one SFT target) for the card's figures
+    shown: list[str] = []  # the transcript as the prompt shows it, per target
     stages: Counter[str] = Counter()
+    sft_stages: Counter[str] = Counter()
     tasks: Counter[str] = Counter()
+    nulls = 0
+
+    def add_sft(rows: list[dict[str, Any]], sample: Sample) -> None:
+        sft.extend(rows)
+        transcript = sample.call.transcript()
+        window = transcript[:max_transcript_chars] if modality == "text" else transcript
+        for row in rows:
+            for message in row["messages"]:
+                if message["role"] == "assistant":
+                    targets.append((transcript, message["content"]))
+                    shown.append(window)
+
     items = track(calls, description=progress) if progress else calls
     for call in items:
         call = estimate_times(call, rate)
         clips = clip_maker(call, None, len(call.turns)) if clip_maker else ()
         whole = sample_of_call(call, clips)
-        sft += offline.sft_rows(whole)
+        add_sft(offline.sft_rows(whole), whole)
         grpo += offline.grpo_rows(whole)
         if not call.turns:
             continue  # audio-only calls have no turn boundaries to cut at
-        for prefix in cut_prefixes(call, policy, rate):
+        prefixes = cut_prefixes(call, policy, rate)
+        for_sft = {p.turns for p in realtime_sft_prefixes(prefixes, realtime_sft)}
+        for prefix in prefixes:
             cut = None if prefix.turns == len(call.turns) else prefix.end_s
             sample = Sample(
                 call=prefix.call,
@@ -150,23 +181,45 @@ def build_split(
             rows = realtime.grpo_rows(sample)
             live += rows
             stages.update(r["conversation_stage"] for r in rows)
+            if prefix.turns in for_sft:
+                before = len(targets)
+                add_sft(realtime.sft_rows(sample), sample)
+                sft_stages[str(prefix.stage)] += 1
+                nulls += sum(parse_output(a).label is None for _, a in targets[before:])
     tasks.update(r["task"] for r in grpo)
     counts = {
-        "sft_rows": write_rows(out / "sft.jsonl", sft),
+        "sft_rows": write_rows(out / "sft.jsonl", sft),  # offline and real-time rows together
+        "sft_realtime_rows": sum(r["mode"] == Mode.REALTIME for r in sft),
         "grpo_rows": write_rows(out / "grpo.jsonl", grpo),
         "realtime_rows": write_rows(out / "realtime.jsonl", live),
     }
+    figures = reasoning_figures(targets, windows=shown)
     card = call_card(
         calls,
         modality=modality,
         language=prompt_set.language,
         **knobs,
+        realtime_sft=realtime_sft,
         rows=counts,
         grpo_rows_per_task=dict(tasks),
         realtime_rows_per_stage=dict(stages),
+        sft_realtime_prefixes_per_stage=dict(sft_stages),
+        sft_realtime_null_targets=nulls,
+        reasoning=figures,
     )
     write_card(out, card, f"{out.name} ({modality})")
     return card
+
+
+def realtime_sft_prefixes(prefixes: list[Prefix], n: int) -> list[Prefix]:
+    """Which of a call's prefixes become real-time SFT rows: up to `n`, the proper prefixes (early, late) before
+    the complete call; when only some fit, a choice seeded by the call id, so calls cover both stages."""
+    proper = [p for p in prefixes if p.stage != Stage.COMPLETE]
+    complete = [p for p in prefixes if p.stage == Stage.COMPLETE]
+    if n >= len(proper):
+        return (proper + complete)[:n]
+    rng = random.Random(f"realtime-sft:{prefixes[0].parent_id}") if proper else None
+    return sorted(rng.sample(proper, n), key=lambda p: p.turns) if rng else []
 
 
 def build_eval_sets(

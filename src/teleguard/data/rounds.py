@@ -10,7 +10,14 @@ rewards: `answers` (scene name, fraud/normal, or fraud-type name), `conversation
 round), `call_id` (the whole call's id, shared by its prefixes), `audio_idx` (which cut of the call: the
 number of turns it holds) and `audio_length` (seconds of call audio in the prompt).
 
-SFT rows hold the whole conversation with assistant targets for every round.
+SFT rows hold the whole conversation with assistant targets for every round. Every target and reference answer
+reasons from the call itself (teleguard.data.evidence): it quotes the decisive words the prompt shows, says
+what they do and which pattern makes the label, and ends with the decision; no two calls share a think.
+
+Real-time SFT rows (`sft_rows` of a real-time builder) are what the detector sends at a policy point
+(teleguard.serve.policy builds its prompts with `question`): an early-stage prefix whose visible part holds no
+salient evidence gets a null label with the prompt file's "information insufficient" reason, and a conversation
+ends after a null is_fraud target, as the detector asks the fraud type only after a fraud answer.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from teleguard.contract import FRAUD, NORMAL, Mode, PromptSet, Round, Stage, format_answer
+from teleguard.data.evidence import DEFAULT_QUOTE_CHARS, RationaleWriter
 from teleguard.data.records import CallLabels, CallRecord
 
 Modality = Literal["text", "audio"]
@@ -71,8 +79,9 @@ class RowBuilder:
     `chain_scene`: whether the is_fraud round continues the scene round's conversation (SAFE-QAQ's order) or
     opens its own. Chain only when every call has a scene label: if only normal calls had a scene round, the
     shape of the conversation would give the label away (and a model would learn that, not the call).
-    `max_transcript_chars` cuts long transcripts (a CPU budget knob); `evidence_chars` quotes the caller's
-    words in the reference reasoning, so warm-start targets reason from the call rather than a fixed sentence.
+    `max_transcript_chars` cuts long transcripts (a CPU budget knob); `evidence_chars` is the longest quote of
+    the call in the reference reasoning (default `DEFAULT_QUOTE_CHARS`). `writer` writes the reasoning: pass one
+    writer to every builder of a dataset, so that no two of its calls share a think (default: the builder's own).
     """
 
     def __init__(
@@ -85,10 +94,21 @@ class RowBuilder:
         chain_scene: bool = False,
         max_transcript_chars: int | None = None,
         evidence_chars: int | None = None,
+        writer: RationaleWriter | None = None,
     ) -> None:
         self.prompts, self.mode, self.modality, self.system = prompts, Mode(mode), modality, system
         self.chain_scene = chain_scene
         self.max_transcript_chars, self.evidence_chars = max_transcript_chars, evidence_chars
+        self._writer = writer
+
+    @property
+    def writer(self) -> RationaleWriter:
+        # made on first use: serving builds a RowBuilder per call only to ask questions
+        if self._writer is None:
+            self._writer = RationaleWriter(
+                self.prompts, quote_chars=self.evidence_chars or DEFAULT_QUOTE_CHARS
+            )
+        return self._writer
 
     def question(
         self,
@@ -125,15 +145,26 @@ class RowBuilder:
             call_id=sample.call_id,
         )
 
-    def _answer(self, truth: RoundTruth, sample: Sample) -> str:
-        reason = self.prompts.rationale(truth.round, truth.label)
-        think = None if self.mode is Mode.DIRECT else reason
-        if think is not None and self.evidence_chars:
-            caller = "；".join(t.text for t in sample.call.turns if t.speaker == "left")[
-                : self.evidence_chars
-            ]
-            think = f"{self.prompts.evidence(caller)}\n{think}" if caller else think
-        return format_answer(truth.round, truth.label, stage=sample.stage, reason=reason, think=think)
+    def _answer(self, truth: RoundTruth, sample: Sample, *, allow_null: bool = False) -> tuple[str, bool]:
+        """A round's reference answer, and whether it gives the label (`allow_null`: early prefixes may not)."""
+        rationale = self.writer.write(
+            sample.call,
+            truth.round,
+            truth.label,
+            key=(sample.call_id, sample.audio_idx),
+            stage=None if self.mode is not Mode.REALTIME else sample.stage,
+            # quotes come from what the prompt shows (an audio prompt carries the whole cut)
+            visible_chars=self.max_transcript_chars if self.modality == "text" else None,
+            allow_null=allow_null,
+        )
+        answer = format_answer(
+            truth.round,
+            truth.label if rationale.label_given else None,
+            stage=sample.stage,
+            reason=rationale.reason,
+            think=None if self.mode is Mode.DIRECT else rationale.think,
+        )
+        return answer, rationale.label_given
 
     def head(self) -> list[dict[str, str]]:
         """The messages before the first question: the system prompt, if the builder uses one."""
@@ -175,18 +206,28 @@ class RowBuilder:
                         **self._extra(sample),
                     }
                 )
-                messages = [*messages, {"role": "assistant", "content": self._answer(truth, sample)}]
+                answer, _ = self._answer(truth, sample)  # a reference answer before a question: a label
+                messages = [*messages, {"role": "assistant", "content": answer}]
         return rows
 
     def sft_rows(self, sample: Sample) -> list[dict[str, Any]]:
-        """Each conversation with an assistant target for every round."""
+        """Each conversation with an assistant target for every round (real-time: see the module docstring)."""
         rows = []
+        realtime = self.mode is Mode.REALTIME
         for conversation in self.conversations(sample.call.labels):
             messages = self.head()
             for i, truth in enumerate(conversation):
                 messages.append({"role": "user", "content": self._question(sample, truth.round, i == 0)})
-                messages.append({"role": "assistant", "content": self._answer(truth, sample)})
+                answer, given = self._answer(truth, sample, allow_null=realtime)
+                messages.append({"role": "assistant", "content": answer})
+                if not given and truth.round is Round.FRAUD:
+                    break  # the detector asks the fraud type only after a fraud answer
             rows.append(
-                {"messages": messages, "conversation_stage": str(sample.stage), **self._extra(sample)}
+                {
+                    "messages": messages,
+                    "conversation_stage": str(sample.stage),
+                    "mode": self.mode.value,
+                    **self._extra(sample),
+                }
             )
         return rows

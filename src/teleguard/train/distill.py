@@ -4,6 +4,8 @@ The teacher sees each training prompt with its gold answer named (as seed 003 as
 a given label) and writes a rationale. The student's target is that rationale in `<think>` followed by the
 gold answer in the output grammar (`teleguard.contract.format_answer`), so the answer is always right and the
 reasoning is the teacher's. A rationale that is empty, or only tags, is dropped and counted, never padded.
+No fixed rationale is written here: the prompts' earlier rounds carry the dataset's per-call reference answers
+(teleguard.data.evidence), and the student's think is the teacher's own.
 """
 
 from __future__ import annotations

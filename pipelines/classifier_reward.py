@@ -18,6 +18,9 @@ from teleguard.pipelines.seed_common import (
 )
 
 PIPELINE_NAME = "teleguard-classifier-reward"
+# Each pipeline module declares its PIPELINE_NAME, TITLE (the display name in Kubeflow and the run summary) and
+# STEPS: its KFP task names (a local run leaves one folder each) in the order they run, with what each is for.
+TITLE = "teleguard seed 002: fraud-classifier reward"
 STEPS = {
     **SEED_STEPS,
     "fraud-classifier": "fraud classifier (seq_cls)",

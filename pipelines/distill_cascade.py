@@ -20,6 +20,9 @@ from teleguard.pipelines.seed_common import (
 )
 
 PIPELINE_NAME = "teleguard-distill-cascade"
+# Each pipeline module declares its PIPELINE_NAME, TITLE (the display name in Kubeflow and the run summary) and
+# STEPS: its KFP task names (a local run leaves one folder each) in the order they run, with what each is for.
+TITLE = "teleguard seed 003: rationale distillation + cascade"
 STEPS = {
     **SEED_STEPS,
     "teacher-model": "teacher model",

@@ -19,6 +19,9 @@ from teleguard.pipelines.seed_common import (
 )
 
 PIPELINE_NAME = "teleguard-rm-dpo"
+# Each pipeline module declares its PIPELINE_NAME, TITLE (the display name in Kubeflow and the run summary) and
+# STEPS: its KFP task names (a local run leaves one folder each) in the order they run, with what each is for.
+TITLE = "teleguard seed 004: reward model, DPO, RM-ranked RSFT and PPO"
 STEPS = {
     **SEED_STEPS,
     "rejection-sampling": "N samples per prompt",

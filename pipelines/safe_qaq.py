@@ -25,6 +25,25 @@ from teleguard.components.training import (
 )
 
 PIPELINE_NAME = "teleguard-safe-qaq"
+# Each pipeline module declares its PIPELINE_NAME, TITLE (the display name in Kubeflow and the run summary) and
+# STEPS: its KFP task names (a local run leaves one folder each) in the order they run, with what each is for.
+TITLE = "teleguard SAFE-QAQ"
+STEPS = {
+    "build-data": "ingest, split, build datasets",
+    "synthesize-audio": "call audio (or text passed through)",
+    "start-model": "base model",
+    "warm-start-sft": "warm-start SFT",
+    "grpo-stage1": "stage 1: GRPO",
+    "rejection-sampling": "stage 2a: sampling",
+    "select-shortest-correct": "stage 2a: selection",
+    "rsft": "stage 2b: RSFT",
+    "lcrl": "stage 2c: LCRL",
+    "realtime-grpo": "stage 3: real-time GRPO",
+    "export-model": "serving model",
+    "evaluate": "evaluation",
+    "quality-gate": "quality gate",
+    "register-model": "registration",
+}
 SHM_SIZE = "16Gi"  # NCCL and the data loaders need more than the container default of 64 MiB
 GPU_CPU_REQUEST, GPU_MEMORY_REQUEST = "8", "64Gi"
 CPU_CPU_REQUEST, CPU_MEMORY_REQUEST = "2", "8Gi"

@@ -20,6 +20,9 @@ from teleguard.pipelines.seed_common import (
 )
 
 PIPELINE_NAME = "teleguard-teacher-judge"
+# Each pipeline module declares its PIPELINE_NAME, TITLE (the display name in Kubeflow and the run summary) and
+# STEPS: its KFP task names (a local run leaves one folder each) in the order they run, with what each is for.
+TITLE = "teleguard seed 001: rule + teacher-judge rewards"
 STEPS = {
     **SEED_STEPS,
     "grpo-stage1": "GRPO: 0.6 rule + 0.4 teacher judge",

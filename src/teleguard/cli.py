@@ -79,18 +79,25 @@ def _read_scored_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, errors
 
 
+MODEL_REWARDS = ("teacher_judge", "fraud_classifier")
+
+
 @rewards_app.command("score")
 def rewards_score(
     file: Annotated[
         Path, typer.Argument(help="JSONL rows: completion plus columns (answers, conversation_stage)")
     ],
-    reward: Annotated[list[str] | None, typer.Option(help="reward names (default: all)")] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option(help="reward names (default: every rule reward; the model-backed ones only when named)"),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="write each row with its reward values here")] = None,
 ) -> None:
     """Score model outputs with the rewards. Bad rows are reported with file and line and left out."""
     from teleguard.rewards import REWARDS
 
-    names = reward or [n for n in REWARDS if n != "new_adaptive_classification"]
+    # teacher_judge and fraud_classifier need a judge endpoint or a classifier model configured: asked for by name
+    names = reward or [n for n in REWARDS if n not in ("new_adaptive_classification", *MODEL_REWARDS)]
     unknown = [n for n in names if n not in REWARDS]
     if unknown:
         _fail(f"unknown reward(s) {', '.join(unknown)}; known: {', '.join(REWARDS)}")

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from teleguard import __version__
@@ -23,17 +24,27 @@ SPEC_FILE, MANIFEST_FILE = "safe_qaq.yaml", "safe_qaq.k8s.yaml"
 
 @dataclass(frozen=True)
 class PipelineInfo:
-    module: str  # under teleguard.pipelines; the pipeline function has the module's name
-    title: str
+    """A pipeline of `PIPELINES`. Everything about it comes from its definition module (pipelines/<module>.py),
+    which declares the same names in every pipeline: the pipeline function (named like the module),
+    PIPELINE_NAME, TITLE and STEPS (its KFP task names in the order they run, with what each is for)."""
+
+    module: str  # under teleguard.pipelines
+
+    def definition(self) -> ModuleType:
+        return importlib.import_module(f"teleguard.pipelines.{self.module}")
 
     def function(self) -> Any:
-        return getattr(importlib.import_module(f"teleguard.pipelines.{self.module}"), self.module)
+        return getattr(self.definition(), self.module)
 
     def name(self) -> str:
-        return str(importlib.import_module(f"teleguard.pipelines.{self.module}").PIPELINE_NAME)
+        return str(self.definition().PIPELINE_NAME)
+
+    @property
+    def title(self) -> str:
+        return str(self.definition().TITLE)
 
     def steps(self) -> dict[str, str]:
-        return dict(importlib.import_module(f"teleguard.pipelines.{self.module}").STEPS)
+        return dict(self.definition().STEPS)
 
     @property
     def spec_file(self) -> str:
@@ -45,14 +56,30 @@ class PipelineInfo:
 
 
 PIPELINES: dict[str, PipelineInfo] = {
-    "safe-qaq": PipelineInfo("safe_qaq", "teleguard SAFE-QAQ"),
-    "teacher-judge": PipelineInfo("teacher_judge", "teleguard seed 001: rule + teacher-judge rewards"),
-    "classifier-reward": PipelineInfo("classifier_reward", "teleguard seed 002: fraud-classifier reward"),
-    "distill-cascade": PipelineInfo(
-        "distill_cascade", "teleguard seed 003: rationale distillation + cascade"
-    ),
-    "rm-dpo": PipelineInfo("rm_dpo", "teleguard seed 004: reward model, DPO, RM-ranked RSFT and PPO"),
+    "safe-qaq": PipelineInfo("safe_qaq"),
+    "teacher-judge": PipelineInfo("teacher_judge"),
+    "classifier-reward": PipelineInfo("classifier_reward"),
+    "distill-cascade": PipelineInfo("distill_cascade"),
+    "rm-dpo": PipelineInfo("rm_dpo"),
 }
+
+
+def task_folders(function: Any) -> list[str]:
+    """The folders a local run of the compiled pipeline `function` leaves, one per container task (sub-DAGs such
+    as a `dsl.If` branch are walked into, not counted): the task's component name without `comp-`."""
+    spec = function.pipeline_spec
+    folders: list[str] = []
+
+    def walk(dag: Any) -> None:
+        for task in dag.tasks.values():
+            component = spec.components[task.component_ref.name]
+            if component.HasField("dag"):
+                walk(component.dag)
+            else:
+                folders.append(task.component_ref.name.removeprefix("comp-"))
+
+    walk(spec.root.dag)
+    return folders
 
 
 def pipeline_info(key: str) -> PipelineInfo:
@@ -104,37 +131,70 @@ def without_retries(function: Any) -> Any:
     return local
 
 
+class PipelineRunFailed(RuntimeError):
+    """A local run that stopped at a failed step: the step, its log file, and the last lines of its log."""
+
+    def __init__(
+        self, message: str, *, step: str | None, log: Path | None, tail: list[str], run_dir: Path | None
+    ) -> None:
+        super().__init__(message)
+        self.step, self.log, self.tail, self.run_dir = step, log, tail, run_dir
+
+
 def run_local(
     arguments: dict[str, object],
     pipeline_root: Path,
     upload_uri: str | None = None,
     *,
     pipeline: str = "safe-qaq",
+    verbose: bool = False,
 ) -> Path:
     """Run the whole pipeline with KFP's local runner in this Python environment (no Docker, no cluster).
 
     Kubernetes settings (GPU pool, shm, tolerations) are ignored locally. Returns the run's folder under
-    pipeline_root, which holds one folder of artifacts per step. KFP's local runner keeps artifacts on local
-    disk only, so `upload_uri` (s3:// or minio://) gets a checksummed copy of the run's folder, as a cluster's
-    pipeline root in MinIO would.
+    pipeline_root, which holds one folder of artifacts per step and `logs/<step>.log`, each step's full output.
+    The console shows one progress line per step (`verbose`: the runner's whole stream instead). A failed step
+    raises PipelineRunFailed with the tail of its log. KFP's local runner keeps artifacts on local disk only, so
+    `upload_uri` (s3:// or minio://) gets a checksummed copy of the run's folder, as a cluster's pipeline root
+    in MinIO would.
     """
     from kfp import local
 
     from teleguard.pipeline_arguments import localize
+    from teleguard.pipeline_progress import ANSI, RunWatch
 
-    function = pipeline_info(pipeline).function()
+    info = pipeline_info(pipeline)
+    function = without_retries(info.function())
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    before = set(pipeline_root.iterdir())
+    before = {p.name for p in pipeline_root.iterdir()}
+    prefix = f"{info.name()}-"  # KFP names a run's folder <pipeline name>-<timestamp>
+
+    def run_dir() -> Path | None:
+        new = [p for p in pipeline_root.iterdir() if p.name not in before and p.name.startswith(prefix)]
+        return max(new) if new else None
+
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
     )
-    without_retries(function)(**localize(arguments))
-    [run_dir] = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
+    watch = RunWatch(info.steps(), run_dir, verbose=verbose)
+    try:
+        with watch:
+            function(**localize(arguments))
+    except RuntimeError as err:
+        step = watch.failed_step
+        log = watch.logs.log_file(step) if step and watch.logs else None
+        what = f"step {step!r} failed" if step else f"the pipeline failed: {ANSI.sub('', str(err))}"
+        raise PipelineRunFailed(
+            what, step=step, log=log, tail=watch.tail(step) if step else [], run_dir=run_dir()
+        ) from err
+    folder = run_dir()
+    if folder is None:
+        raise RuntimeError(f"the local run left no folder {prefix}* in {pipeline_root}")
     if upload_uri:
         from teleguard.storage import put_dir
 
-        put_dir(run_dir, f"{upload_uri.rstrip('/')}/{run_dir.name}")
-    return run_dir
+        put_dir(folder, f"{upload_uri.rstrip('/')}/{folder.name}")
+    return folder
 
 
 def kubeconfig_token(environ: dict[str, str] | None = None) -> str | None:

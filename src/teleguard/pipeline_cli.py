@@ -78,28 +78,51 @@ def run_command(
         bool,
         typer.Option(help="at the end, serve the trained model and replay held-out calls through it"),
     ] = True,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="stream every step's full output (always kept in <run>/logs/<step>.log)"
+        ),
+    ] = False,
 ) -> None:
-    """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it."""
-    from teleguard.pipeline import run_local
+    """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it: one
+    progress line per step, then the summary tables; each step's full log is kept under the run folder."""
+    from teleguard.pipeline import PipelineRunFailed, run_local
     from teleguard.pipeline_summary import print_summary, summarize_run
 
     if not local:
         err_console.print("only --local runs here; `teleguard pipeline submit --host URL` runs on a cluster")
         raise typer.Exit(2)
-    from teleguard.pipeline import pipeline_info
-
     info = pipeline_or_exit(pipeline)
     args_file = args_file or REPO_RECIPES / pipeline / "pipeline-cpu.yaml"
     arguments = arguments_or_exit(args_file, arg, pipeline)
-    run_dir = run_local(arguments, root.resolve(), upload_uri=upload, pipeline=pipeline)
-    summary = summarize_run(run_dir, pipeline_info(pipeline).steps())
+    try:
+        run_dir = run_local(arguments, root.resolve(), upload_uri=upload, pipeline=pipeline, verbose=verbose)
+    except PipelineRunFailed as failure:
+        show_failure(failure, verbose=verbose)
+        raise typer.Exit(1) from None
+    summary = summarize_run(run_dir, info.steps())
     print_summary(summary, title=info.title)
+    # (the live evaluation of the served detector joins the summary here once the pipeline reports it)
     if serve:
         from teleguard.demo_serving import demo_from_run
 
         demo_from_run(summary, arguments, console=console)
     if upload:
         console.print(f"artifacts uploaded to {upload.rstrip('/')}/{run_dir.name}")
+
+
+def show_failure(failure: Any, *, verbose: bool = False) -> None:
+    """A failed local run: which step, the end of its log, and where the whole log is."""
+    if failure.step and failure.tail and not verbose:
+        err_console.rule(f"the end of {failure.step}'s log", style="red")
+        err_console.print("\n".join(failure.tail), markup=False, highlight=False)
+        err_console.rule(style="red")
+    err_console.print(f"[red]error:[/red] {failure}", highlight=False)
+    if failure.log:
+        err_console.print(f"full log: {failure.log}", highlight=False)
+    elif failure.run_dir:
+        err_console.print(f"run folder: {failure.run_dir}", highlight=False)
 
 
 @app.command("submit")

@@ -1,7 +1,9 @@
 """A readable summary of a local pipeline run: what each step did, the evaluation figures, where the report is.
 
 It reads what KFP's local runner leaves behind: one folder per step holding the step's artifacts and its
-`executor_output.json` (the step's returned value under `parameterValues.Output`).
+`executor_output.json` (the step's returned value under `parameterValues.Output`), and what
+`teleguard.pipeline_progress` adds: `logs/<step>.log` and every step's seconds in `logs/steps.json`. The steps
+and what each is for come from the pipeline's definition (`PipelineInfo.steps()`).
 """
 
 from __future__ import annotations
@@ -10,23 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-# the pipeline's steps in the order they run, with what each is for
-STEPS = {
-    "build-data": "ingest, split, build datasets",
-    "synthesize-audio": "call audio (or text passed through)",
-    "start-model": "base model",
-    "warm-start-sft": "warm-start SFT",
-    "grpo-stage1": "stage 1: GRPO",
-    "rejection-sampling": "stage 2a: sampling",
-    "select-shortest-correct": "stage 2a: selection",
-    "rsft": "stage 2b: RSFT",
-    "lcrl": "stage 2c: LCRL",
-    "realtime-grpo": "stage 3: real-time GRPO",
-    "export-model": "serving model",
-    "evaluate": "evaluation",
-    "quality-gate": "quality gate",
-    "register-model": "registration",
-}
 SUMMARY_FILE = "pipeline-summary.json"
 # a training step's metrics (ms-swift's last log line) worth a glance, with their labels
 TRAINING_FIGURES = {
@@ -73,16 +58,27 @@ def _figures(step: str, out: Any) -> str:
     return ", ".join(f"{label} {_number(out[key])}" for key, label in TRAINING_FIGURES.items() if key in out)
 
 
-def summarize_run(run_dir: Path, pipeline_steps: dict[str, str] | None = None) -> dict[str, Any]:
-    """The run's steps (SAFE-QAQ's unless given), the evaluation of each compared model, the gate's verdict and
-    where things are."""
+def summarize_run(run_dir: Path, pipeline_steps: dict[str, str]) -> dict[str, Any]:
+    """The run's steps (`pipeline_steps`: the pipeline's STEPS), the evaluation of each compared model, the gate's
+    verdict and where things are."""
+    from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
+
+    logs = run_dir / LOGS_DIR
+    times = json.loads((logs / TIMES_FILE).read_text("utf-8")) if (logs / TIMES_FILE).is_file() else {}
     steps = []
-    pipeline_steps = pipeline_steps or STEPS
     evaluate = next((s for s in pipeline_steps if s.startswith("evaluate")), "evaluate")
     for step, what in pipeline_steps.items():
         ran = (run_dir / step).is_dir()
         out = step_output(run_dir, step)
-        steps.append({"step": step, "what": what, "ran": ran, "figures": _figures(step, out) if ran else ""})
+        steps.append(
+            {
+                "step": step,
+                "what": what,
+                "ran": ran,
+                "seconds": times.get(step, {}).get("seconds") if ran else None,
+                "figures": _figures(step, out) if ran else "",
+            }
+        )
     metrics_file = run_dir / evaluate / "details" / "metrics.json"
     evaluation = json.loads(metrics_file.read_text("utf-8")) if metrics_file.is_file() else {}
     summary = {
@@ -105,6 +101,7 @@ def summarize_run(run_dir: Path, pipeline_steps: dict[str, str] | None = None) -
         "registered": step_output(run_dir, "register-model"),
         "report": str(run_dir / evaluate / "details" / "report.md") if evaluation else None,
         "report_html": str(run_dir / evaluate / "report") if evaluation else None,
+        "logs": str(logs) if logs.is_dir() else None,
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     return summary
@@ -116,10 +113,17 @@ def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> 
 
     console = Console()
     steps = Table(title=f"{title} (KFP local runner)", title_justify="left")
-    for column in ("step", "what", "", "figures"):
-        steps.add_column(column, overflow="fold")
+    for column in ("step", "what", "", "s", "figures"):
+        steps.add_column(column, overflow="fold", justify="right" if column == "s" else "left")
     for s in summary["steps"]:
-        steps.add_row(s["step"], s["what"], "[green]ran[/]" if s["ran"] else "[dim]not run[/]", s["figures"])
+        seconds = s.get("seconds")
+        steps.add_row(
+            s["step"],
+            s["what"],
+            "[green]ran[/]" if s["ran"] else "[dim]not run[/]",
+            "" if seconds is None else f"{seconds:.0f}",
+            s["figures"],
+        )
     console.print(steps)
     if summary["evaluation"]:
         table = Table(title="evaluation on the held-out split (is it fraud?)", title_justify="left")
@@ -143,8 +147,11 @@ def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> 
             summary["gate_passed"], "not reached"
         )
         console.print(f"quality gate: {verdict}")
+    where = {"highlight": False, "soft_wrap": True}  # paths on one line, to copy
     if summary["registered"]:
-        console.print(f"registered model: {summary['registered']}")
+        console.print(f"registered model: {summary['registered']}", **where)
     if summary["report"]:
-        console.print(f"report: {summary['report']} (HTML: {summary['report_html']})")
-    console.print(f"artifacts of every step: {summary['run']}")
+        console.print(f"report: {summary['report']} (HTML: {summary['report_html']})", **where)
+    console.print(f"artifacts of every step: {summary['run']}", **where)
+    if summary.get("logs"):
+        console.print(f"full log of every step: {summary['logs']}/<step>.log", **where)

@@ -44,34 +44,16 @@ def pick_calls(calls: Sequence[CallRecord], *, fraud: int = 2, normal: int = 2) 
     return chosen
 
 
-def serve_config(
-    model: Path,
-    port: int,
-    *,
-    prompts_file: str | None = None,
-    max_transcript_chars: int | None = None,
-    every_seconds: float = 15.0,
-    max_tokens: int = 320,
-) -> dict[str, Any]:
-    """`teleguard serve --config` for the demo: the model's own prompts, an evaluation every `every_seconds` of
-    call time (and at the close), answers of at most `max_tokens`."""
-    policy: dict[str, Any] = {
-        "every_seconds": every_seconds,
-        "on_turn": False,
-        "min_turns": 2,
-        "max_tokens": max_tokens,
-    }
-    if prompts_file:
-        policy["prompts_file"] = str(Path(prompts_file).resolve())
-    if max_transcript_chars:
-        policy["max_transcript_chars"] = max_transcript_chars
+def serve_config(model: Path, port: int) -> dict[str, Any]:
+    """`teleguard serve --config` for the demo: the model folder alone decides how it is asked (its serving
+    profile: prompts, transcript window, policy points, alert threshold, max tokens), as for a user who runs
+    `teleguard serve --model DIR`; only the address, the CPU engine and patient timeouts are set here."""
     return {
         "name": "teleguard",
         "model": str(model),
         "host": "127.0.0.1",
         "port": port,
-        "engine": {"kind": "transformers", "device": "cpu", "max_tokens": max_tokens, "timeout_s": 120},
-        "policy": policy,
+        "engine": {"kind": "transformers", "device": "cpu", "timeout_s": 120},
         "detector": {"engine_timeout_s": 120, "drain_seconds": 10},
         "grace_seconds": 5,
     }
@@ -252,24 +234,13 @@ def run_demo(
     calls: Sequence[CallRecord],
     workdir: Path,
     *,
-    prompts_file: str | None = None,
-    max_transcript_chars: int | None = None,
     speed: float = 20.0,
-    every_seconds: float = 15.0,
-    max_tokens: int = 320,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Serve `model`, replay `calls` through it, print what happens; returns the figures (also as JSON in
     `workdir/serve-demo.json`)."""
     console = console or Console()
-    config = serve_config(
-        model,
-        free_port(),
-        prompts_file=prompts_file,
-        max_transcript_chars=max_transcript_chars,
-        every_seconds=every_seconds,
-        max_tokens=max_tokens,
-    )
+    config = serve_config(model, free_port())
     started = time.monotonic()
     with serving(config, workdir) as server:
         console.print(f"serving {model} on {server.url} (teleguard serve, transformers engine on CPU) ...")
@@ -356,11 +327,4 @@ def demo_from_run(
         console.print(f"[yellow]no held-out calls at {test_calls}: skipping the serving demo[/yellow]")
         return None
     chosen = pick_calls(read_calls(test_calls), fraud=calls // 2, normal=calls - calls // 2)
-    return run_demo(
-        model,
-        chosen,
-        run_dir / DEMO_DIR,
-        prompts_file=arguments.get("prompts") or None,
-        max_transcript_chars=arguments.get("max_transcript_chars") or None,
-        console=console,
-    )
+    return run_demo(model, chosen, run_dir / DEMO_DIR, console=console)

@@ -328,3 +328,12 @@ def load_prompts(source: str | Path | None = None) -> PromptSet:
     except ValidationError as err:
         problems = "; ".join(field_errors(err))
         raise PromptFileError(f"{path}: {problems}") from err
+
+
+def write_prompt_set(path: Path, prompts: PromptSet) -> Path:
+    """Every text of a prompt set as a prompt file (`load_prompts` reads it back to an equal set)."""
+    path.write_text(
+        yaml.safe_dump(prompts.model_dump(mode="json"), allow_unicode=True, sort_keys=False, width=1000),
+        "utf-8",
+    )
+    return path

@@ -34,6 +34,7 @@ from typing import Any
 from rich.progress import track
 
 from teleguard.contract import Mode, Stage, load_prompts, parse_output
+from teleguard.contract.prompts import write_prompt_set
 from teleguard.data.card import call_card, write_card
 from teleguard.data.eval_sets import (
     AUDIO_SETS,
@@ -54,6 +55,7 @@ from teleguard.data.timing import SpeechRate, estimate_times
 
 CALLS_FILE = "calls.jsonl"
 REALTIME_SFT_PREFIXES = 1  # real-time SFT rows per call by default: CPU warm starts stay fast
+PROMPTS_FILE = "prompts.yaml"  # in a datasets folder: the prompt set its rows were built with
 
 # (call, end second or None for the whole call, cut number) -> audio clip paths
 ClipMaker = Callable[[CallRecord, float | None, int], Sequence[str]]
@@ -311,6 +313,9 @@ def build_datasets(
             f"{splits_dir}: no split folders with {CALLS_FILE} (run `teleguard data split`)"
         )
     names = check_names(eval_sets)  # a misspelt set fails before any split is built
+    out.mkdir(parents=True, exist_ok=True)
+    # the whole prompt set the rows were built with: the export step puts it into the serving profile
+    write_prompt_set(out / PROMPTS_FILE, load_prompts(options.get("prompts")))
     cards = {}
     for name in present:
         calls = read_calls(splits_dir / name)

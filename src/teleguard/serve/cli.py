@@ -87,6 +87,11 @@ def cascade_overrides(
     return out
 
 
+class _ServerLog(logging.StreamHandler):  # type: ignore[type-arg]
+    """The server's console log. Its own class: loading ms-swift turns every root handler whose type is exactly
+    StreamHandler down to ERROR (to quiet other ranks), which would hide --log-level INFO/DEBUG."""
+
+
 def serve_command(
     model: Annotated[
         str | None,
@@ -159,7 +164,15 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="logging level")] = "INFO",
 ) -> None:
     """Serve the real-time detector: KServe V1/V2 routes, a WebSocket stream, REST call routes, /metrics."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from teleguard.serve.server import build_server
+
+    # after the import: importing kserve configures logging (root at INFO), which would undo --log-level
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[_ServerLog()],
+        force=True,
+    )
     if engine == "remote" and served_model is None and model is not None:
         served_model = model
         model = None
@@ -202,8 +215,6 @@ def serve_command(
         serve_config = load_serve_config(config, overrides)
     except ServeConfigError as err:
         _fail(str(err))
-    from teleguard.serve.server import build_server
-
     server = build_server(serve_config)
     err_console.print(
         f"teleguard detector '{serve_config.name}' on http://{serve_config.host}:{serve_config.port} "

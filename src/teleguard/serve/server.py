@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from teleguard.serve.detector import Detector, DetectorConfig, Unavailable
 from teleguard.serve.engine import EngineConfig, build_engine
 from teleguard.serve.metrics import DetectorMetrics, default_metrics
-from teleguard.serve.policy import DecisionPolicy, Generate
+from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generate, Generation
+from teleguard.serve.profile import apply_profile
+from teleguard.serve.profile import describe as describe_profile
 from teleguard.serve.protocol import RequestError
 
 # kserve.model_server parses sys.argv with argparse when imported (ModelServer's flags, abbreviations allowed):
@@ -124,6 +126,18 @@ def resolve_model(model: str | None, *, mount: str = MODEL_MOUNT_DIRS) -> Path:
     return _model_folder(path)
 
 
+def _logging_prompts(generate: Generate) -> Generate:
+    """The engine, logging every prompt it is sent (--log-level DEBUG: what the model is really asked)."""
+
+    async def logged(requests: Sequence[EngineRequest]) -> Sequence[str | Generation]:
+        for request in requests:
+            log.debug("prompt for call %s, round %s: %s", request.call_id, request.round.value,
+                      json.dumps(request.messages, ensure_ascii=False))  # fmt: skip
+        return await generate(requests)
+
+    return logged
+
+
 # --- the kserve.Model ----------------------------------------------------------------------------------------
 
 EngineFactory = Callable[[EngineConfig], Generate]
@@ -164,16 +178,23 @@ class TeleguardDetector(Model):
             if self.ready:
                 return True
             engine_config = self.config.engine
-            if self.engine_factory is build_engine and engine_config.kind != "remote":
+            policy = self.config.policy
+            local = engine_config.kind != "remote"
+            if local and (self.engine_factory is build_engine or self.config.model or engine_config.model):
                 self.model_path = resolve_model(self.config.model or engine_config.model)
                 engine_config = engine_config.model_copy(update={"model": str(self.model_path)})
+                # how the model was trained to be asked, unless the operator said otherwise
+                policy, profile = apply_profile(self.model_path, policy)
+                (log.info if profile else log.warning)("%s", describe_profile(profile, self.model_path))
             started = time.perf_counter()
             engine = self.engine_factory(engine_config)
+            if log.isEnabledFor(logging.DEBUG):
+                engine = _logging_prompts(engine)
             # one deadline per engine invocation: the tighter of the engine's and the detector's
             timeout = min(engine_config.timeout_s, self.config.detector.engine_timeout_s)
             self.detector = Detector(
                 engine,
-                policy=self.config.policy,
+                policy=policy,
                 config=self.config.detector.model_copy(update={"engine_timeout_s": timeout}),
                 metrics=self.metrics or default_metrics(),
             )

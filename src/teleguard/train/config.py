@@ -286,6 +286,26 @@ class ExportStage(_Config):
     merge_lora: bool = True
 
 
+class LiveEvaluation(_Config):
+    """The deployed detector on the held-out calls: each replayed turn by turn through the serving code with the
+    exported model's serving profile (teleguard.evaluate.live), next to a TF-IDF baseline."""
+
+    enabled: bool = True
+    limit: int | None = Field(
+        default=None, ge=1, description="replay only N held-out calls (a stratified pick)"
+    )
+    concurrency: int = Field(
+        default=32, ge=1, description="calls in flight at once (the engine batches them)"
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="requests per batched engine call")
+    exact_sweep: bool = Field(
+        default=True,
+        description="keep evaluating after an alert, so the alert-threshold sweep is exact (more model calls)",
+    )
+    max_false_alarm_rate: float = Field(default=0.05, ge=0, le=1, description="for the suggested threshold")
+    baseline: bool = True
+
+
 class EvaluateConfig(_Config):
     engine: Literal["transformers", "vllm"] = "vllm"
     max_tokens: int = Field(default=2048, ge=8)
@@ -296,6 +316,29 @@ class EvaluateConfig(_Config):
     eval_sets: bool = Field(
         default=True, description="also evaluate the sets under <datasets>/eval_sets (docs/eval-sets.md)"
     )
+    live: LiveEvaluation = LiveEvaluation()
+
+
+class ServingConfig(_Config):
+    """How the detector asks the exported model (its serving profile, teleguard.serve.profile): the policy
+    points and the alert threshold. Language, prompts and the transcript window come from the data build."""
+
+    every_seconds: float | None = Field(
+        default=None, gt=0, description="evaluate every N s of new call audio"
+    )
+    on_turn: bool = Field(default=True, description="evaluate at each finished turn")
+    min_turns: int = Field(default=2, ge=0)
+    ask_scene: Literal["always", "until_known", "never"] = "until_known"
+    alert_threshold: float = Field(default=0.5, ge=0, le=1)
+    max_tokens: int | None = Field(
+        default=None, ge=8, description="tokens per answer; default evaluate.max_tokens"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingConfig:
+        if self.every_seconds is None and not self.on_turn:
+            raise ValueError("set every_seconds or on_turn: otherwise the detector never evaluates a call")
+        return self
 
 
 class Stages(_Config):
@@ -323,6 +366,7 @@ class Recipe(_Config):
     common: Common = Common()
     stages: Stages = Stages()
     evaluate: EvaluateConfig = EvaluateConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

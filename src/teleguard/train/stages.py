@@ -640,11 +640,24 @@ class Runner:
         shutil.copytree(model, target, ignore=shutil.ignore_patterns(*TRAINING_STATE))
         serving = {"model_type": self.recipe.model.model_type, "template": self.recipe.model.template}
         (target / "teleguard-serving.json").write_text(json.dumps(serving, indent=2) + "\n", "utf-8")
+        self._write_profile(target)
         return {
             "inputs": {"model": str(model)},
             "model": MODEL_DIR,
             "metrics": {"files": len(list(target.iterdir()))},
         }
+
+    def _write_profile(self, target: Path) -> None:
+        """The serving profile (teleguard.serve.profile): serving asks the model as training did."""
+        from teleguard.serve.profile import profile_for_build, write_profile
+
+        serving = self.recipe.serving
+        if serving.max_tokens is None:
+            serving = serving.model_copy(update={"max_tokens": self.recipe.evaluate.max_tokens})
+        profile, prompts = profile_for_build(
+            serving, self.datasets(), modality=self.recipe.data.modality, source={"recipe": self.recipe.name}
+        )
+        write_profile(target, profile, prompts)
 
 
 def training_finished(train_dir: Path) -> bool:

@@ -210,12 +210,15 @@ def test_prefix_stages_on_a_known_call() -> None:
     # 10 equal turns of 3 s with 0.5 s gaps: turn k ends at 3.5k - 0.5; the call lasts 34.5 s.
     call = estimate_times(call_of(10), SpeechRate(cjk_chars_per_s=3.0, gap_s=0.5))
     every = cut_prefixes(call, PrefixPolicy(per_stage=None, early_until=0.4))
-    assert [p.turns for p in every] == list(range(2, 11))
+    assert [p.turns for p in every] == list(range(1, 11))  # from the caller's opening on
+    assert [p.turns for p in cut_prefixes(call, PrefixPolicy(per_stage=None, min_turns=2))] == list(
+        range(2, 11)
+    )
     stages = {p.turns: p.stage for p in every}
-    assert all(stages[k] == Stage.EARLY for k in (2, 3, 4))  # ends at <= 13.8 s = 40 % of 34.5 s
+    assert all(stages[k] == Stage.EARLY for k in (1, 2, 3, 4))  # ends at <= 13.8 s = 40 % of 34.5 s
     assert all(stages[k] == Stage.LATE for k in range(5, 10))
     assert stages[10] == Stage.COMPLETE and every[-1].call == call
-    assert every[1].end_s == 10.0 and len(every[1].call.turns) == 3 and every[1].call.labels == call.labels
+    assert every[2].end_s == 10.0 and len(every[2].call.turns) == 3 and every[2].call.labels == call.labels
     sampled = cut_prefixes(call, PrefixPolicy(per_stage=1))
     assert [p.stage for p in sampled] == [Stage.EARLY, Stage.LATE, Stage.COMPLETE]
     assert sampled == cut_prefixes(call, PrefixPolicy(per_stage=1))  # deterministic per call id

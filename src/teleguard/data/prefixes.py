@@ -8,7 +8,8 @@ A prefix is the call cut at a turn boundary. Its stage follows SAFE-QAQ's meanin
 - `late_stage`: any other proper prefix: the call is past its middle and heading to its end, so a label
   should be given.
 
-Prefixes shorter than `min_turns` turns (default 2: one exchange) are not cut. `per_stage` boundaries are
+Prefixes shorter than `min_turns` turns are not cut (default 1: the caller's opening, the earliest point a
+detector can be asked at, and often where a fraud call shows itself). `per_stage` boundaries are
 drawn for each of early and late (all of them with per_stage=None), with a random generator seeded by the
 call id, so the same call always yields the same prefixes.
 """
@@ -29,7 +30,7 @@ class PrefixPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     early_until: float = Field(default=0.4, gt=0, lt=1)
-    min_turns: int = Field(default=2, ge=1)
+    min_turns: int = Field(default=1, ge=1)
     per_stage: int | None = Field(default=1, ge=1)
     seed: int = 0
 

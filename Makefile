@@ -53,7 +53,7 @@ RECIPE ?= recipes/safe-qaq/tiny-cpu.yaml
 cpu-recipe: setup
 	$(BIN)/teleguard data ingest --format dialogues $(DATA)/*.jsonl --out runs/data/calls
 	$(BIN)/teleguard data split runs/data/calls --out runs/data/splits
-	$(BIN)/teleguard data build runs/data/splits --out runs/data/text --prompts recipes/safe-qaq/prompts-cpu-zh.yaml --max-transcript-chars 160 --evidence-chars 60
+	$(BIN)/teleguard data build runs/data/splits --out runs/data/text --prompts recipes/safe-qaq/prompts-cpu-zh.yaml --max-transcript-chars 160 --evidence-chars 40
 	$(BIN)/teleguard train all --config $(RECIPE)
 	$(BIN)/teleguard evaluate --config $(RECIPE)
 

@@ -11,6 +11,8 @@ def evaluate(
     recipe: str,
     recipe_overrides: dict,
     datasets: Input[Dataset],
+    calls: Input[Dataset],
+    audio_calls: Input[Dataset],
     final_model: Input[Model],
     stage1_model: Input[Model],
     rsft_model: Input[Model],
@@ -22,11 +24,12 @@ def evaluate(
     report_md: Output[Markdown],
     details: Output[Dataset],
 ) -> str:
-    """TeleAntiFraud metrics, real-time metrics and a report comparing the stages; returns the final model's
-    figures (JSON) for the quality gate."""
+    """Offline TeleAntiFraud metrics of the stages' models, and the exported model as deployed: held-out calls
+    replayed live through the detector with its serving profile, next to a TF-IDF baseline; returns the final
+    model's figures (JSON) for the quality gate."""
     from pathlib import Path
 
-    from teleguard.pipeline_steps import evaluate_step, log_evaluation
+    from teleguard.pipeline_steps import evaluate_with_live_step, log_evaluation
 
     models = {"final": Path(final_model.path)}
     if compare_stages:
@@ -36,21 +39,43 @@ def evaluate(
             "lcrl": Path(lcrl_model.path),
             **models,
         }
-    results = evaluate_step(recipe, recipe_overrides, Path(datasets.path), models, Path(details.path))
+    results = evaluate_with_live_step(
+        recipe, recipe_overrides, Path(datasets.path), Path(calls.path), models, Path(details.path),
+        audio_calls=Path(audio_calls.path),
+    )  # fmt: skip
     return log_evaluation(
         results["final"], Path(details.path), metrics, confusion, report.path, report_md.path
     )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def quality_gate(summary: str, min_fraud_accuracy: float, min_well_formed: float) -> bool:
-    """Whether the final model may be registered: fraud accuracy and well-formed rate at or above thresholds."""
+def quality_gate(
+    summary: str,
+    min_live_accuracy: float,
+    max_false_alarm_rate: float,
+    min_live_fraud_type_accuracy: float,
+    min_flagged_within_half: float,
+    min_well_formed: float,
+) -> bool:
+    """Whether the final model may be registered: its live figures on held-out calls (verdict accuracy, false
+    alarms on normal calls, fraud type, early detection) and its well-formed rate against the thresholds."""
     import json
 
-    from teleguard.pipeline_steps import quality_gate as passes
+    from teleguard.pipeline_steps import gate_checks
 
-    passed = passes(json.loads(summary), min_fraud_accuracy, min_well_formed)
-    print(f"quality gate {'passed' if passed else 'failed'}: {summary}")
+    thresholds = {
+        "min_live_accuracy": min_live_accuracy,
+        "max_false_alarm_rate": max_false_alarm_rate,
+        "min_live_fraud_type_accuracy": min_live_fraud_type_accuracy,
+        "min_flagged_within_half": min_flagged_within_half,
+        "min_well_formed": min_well_formed,
+    }
+    checks = gate_checks(json.loads(summary), thresholds)
+    for c in checks:
+        sign = ">=" if c["kind"] == "min" else "<="
+        print(f"{'pass' if c['passed'] else 'FAIL'}: {c['figure']} {c['value']} {sign} {c['limit']}")
+    passed = all(c["passed"] for c in checks)
+    print(f"quality gate {'passed' if passed else 'failed'}")
     return passed
 
 

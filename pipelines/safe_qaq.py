@@ -112,7 +112,10 @@ def safe_qaq(
     run_lcrl: bool = True,
     run_realtime: bool = True,
     compare_stages: bool = True,
-    min_fraud_accuracy: float = 0.85,
+    min_live_accuracy: float = 0.9,
+    max_false_alarm_rate: float = 0.05,
+    min_live_fraud_type_accuracy: float = 0.6,
+    min_flagged_within_half: float = 0.5,
     min_well_formed: float = 0.9,
     registry_uri: str = "s3://teleguard/registry",
     model_name: str = "teleguard-detector",
@@ -185,15 +188,17 @@ def safe_qaq(
     exported = gpu(export_model(datasets=datasets, start=stage3.outputs["model"], **recipe_args))
     evaluation = gpu(
         evaluate(
-            datasets=datasets, final_model=exported.outputs["model"], stage1_model=stage1.outputs["model"],
+            datasets=datasets, calls=data.outputs["calls"], audio_calls=audio.outputs["audio_calls"],
+            final_model=exported.outputs["model"], stage1_model=stage1.outputs["model"],
             rsft_model=stage2b.outputs["model"], lcrl_model=stage2c.outputs["model"], compare_stages=compare_stages,
             **recipe_args,
         )
     )  # fmt: skip
     gate = cpu(
         quality_gate(
-            summary=evaluation.outputs["Output"], min_fraud_accuracy=min_fraud_accuracy,
-            min_well_formed=min_well_formed,
+            summary=evaluation.outputs["Output"], min_live_accuracy=min_live_accuracy,
+            max_false_alarm_rate=max_false_alarm_rate, min_live_fraud_type_accuracy=min_live_fraud_type_accuracy,
+            min_flagged_within_half=min_flagged_within_half, min_well_formed=min_well_formed,
         ),
         cache=False,
     ).set_display_name("quality gate")  # fmt: skip

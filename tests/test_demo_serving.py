@@ -48,7 +48,7 @@ def test_demo_serves_the_exported_model_and_replays_held_out_calls(
     write_calls(run / "build-data" / "calls" / "test", calls())
     out = io.StringIO()
     console = Console(file=out, width=120)
-    summary = demo_from_run({"run": str(run), "registered": None}, {"prompts": ""}, console=console)
+    summary = demo_from_run({"run": str(run), "registered": None}, console=console)
     printed = out.getvalue()
 
     assert summary is not None
@@ -67,5 +67,5 @@ def test_demo_serves_the_exported_model_and_replays_held_out_calls(
     # nothing to serve: the demo is skipped, saying why
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert demo_from_run({"run": str(empty), "registered": None}, {}, console=console) is None
+    assert demo_from_run({"run": str(empty), "registered": None}, console=console) is None
     assert "skipping the serving demo" in out.getvalue()

@@ -21,10 +21,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from teleguard.contract import load_prompts
 from teleguard.pipeline import pipeline_info, run_local
 from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments, pipeline_parameters
 from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
 from teleguard.pipeline_summary import step_output, summarize_run
+from teleguard.serve.profile import PROMPTS_FILE, read_profile
 
 from .conftest import TRANSCRIPTS_DIR
 
@@ -122,10 +124,16 @@ def test_main_command_through_the_cli(cli_run: CliRun) -> None:
     assert times["register-model"]["status"] == "not run"
     # the summary
     assert "teleguard SAFE-QAQ (KFP local runner)" in output
-    assert "evaluation on the held-out split" in output and "quality gate: failed" in output
+    assert "offline evaluation on the held-out split" in output and "quality gate: failed" in output
     assert f"report: {run_dir / 'evaluate' / 'details' / 'report.md'}" in output
-    # (another engineer adds the live evaluation to the summary: assert its table here, e.g.
-    #  `assert "live evaluation" in output` with its verdict accuracy and time to detection)
+    # the live evaluation: the exported model through the detector, next to the baseline, every round named
+    assert "live evaluation: the deployed detector on 8 held-out calls" in output
+    assert "TF-IDF + LR baseline" in output
+    for figure in ("verdict accuracy", "false alarms on normal calls", "fraud type: accuracy", "scene: accuracy",
+                   "time to detection", "first 50 %", "decision latency p99"):  # fmt: skip
+        assert figure in output, figure
+    # the gate decided on the live figures, and says which check failed (well-formed 1.0 cannot be met)
+    assert "FAIL well_formed_rate" in output and "live_verdict_accuracy" in output
     # the serving demo: the exported model (the gate failed), decisions, verdicts, the server's counters
     assert "serving the export step's model instead" in output
     assert "live decisions on held-out calls (teleguard serve)" in output
@@ -135,9 +143,9 @@ def test_main_command_through_the_cli(cli_run: CliRun) -> None:
 
 
 def test_serve_and_stream_as_the_readme_shows(cli_run: CliRun, tmp_path: Path) -> None:
-    """The README's serving commands, as subprocesses: `teleguard serve --model <the trained model> --prompts-file
-    ...`, then `teleguard stream` of a held-out call record (`--index 3 --speed 10`, WebSocket) and of a shared
-    dialogue file by call id (`--speed 0 --http`)."""
+    """The README's serving commands, as subprocesses: `teleguard serve --model <the trained model>` (nothing
+    else: the model folder's serving profile says how to ask it), then `teleguard stream` of a held-out call
+    record (`--index 3 --speed 10`, WebSocket) and of a shared dialogue file by call id (`--speed 0 --http`)."""
     import signal
     import time
 
@@ -152,8 +160,7 @@ def test_serve_and_stream_as_the_readme_shows(cli_run: CliRun, tmp_path: Path) -
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [teleguard, "serve", "--model", str(model), "--prompts-file", "recipes/safe-qaq/prompts-cpu-zh.yaml",
-             "--port", str(port)],
+            [teleguard, "serve", "--model", str(model), "--port", str(port)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -185,6 +192,7 @@ def test_serve_and_stream_as_the_readme_shows(cli_run: CliRun, tmp_path: Path) -
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+    assert f"serving profile {model / 'teleguard-serving.yaml'}" in log.read_text("utf-8")
 
 
 def test_every_stage_leaves_its_artifacts(full_run: Path) -> None:
@@ -203,7 +211,18 @@ def test_every_stage_leaves_its_artifacts(full_run: Path) -> None:
             assert manifest["metrics"] == {"rows": 0}
         else:
             assert manifest["metrics"]["global_step/max_steps"].split("/")[0] != "0", step
-    assert json.loads((_artifact(full_run, "export-model", "model") / "teleguard-serving.json").read_text())
+    exported = _artifact(full_run, "export-model", "model")
+    assert json.loads((exported / "teleguard-serving.json").read_text())
+    # the serving profile: the CI recipe's answer length and the data build's window and prompts
+    profile = read_profile(exported)
+    assert (
+        profile is not None
+        and profile.policy["max_tokens"] == 32
+        and profile.policy["max_transcript_chars"] == 160
+    )
+    assert load_prompts(exported / PROMPTS_FILE) == load_prompts(
+        REPO / "recipes" / "safe-qaq" / "prompts-cpu-zh.yaml"
+    )
     samples = _artifact(full_run, "rejection-sampling", "samples") / "samples.jsonl"
     assert len(samples.read_text("utf-8").splitlines()) == SMALL["stages.sample.limit"]
     assert _artifact(full_run, "select-shortest-correct", "selection").is_dir()
@@ -213,8 +232,21 @@ def test_evaluation_emits_kfp_metrics_and_reports(full_run: Path) -> None:
     out = json.loads((full_run / "evaluate" / "executor_output.json").read_text("utf-8"))
     figures = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     details = json.loads((_artifact(full_run, "evaluate", "details") / "metrics.json").read_text("utf-8"))
-    assert set(details) == {"grpo", "rsft", "lcrl", "final"}
+    assert set(details) == {"final", "baseline"}  # compare_stages: false (the main job's arguments)
     assert figures["fraud_accuracy"] == round(details["final"]["fraud"]["accuracy"], 4)
+    # the live figures of the deployed model, from a replay of 8 held-out calls with its serving profile
+    live = details["final"]["live"]
+    assert live["live_calls"] == 8 and figures["live_verdict_accuracy"] == round(
+        live["live_verdict_accuracy"], 4
+    )
+    results = (_artifact(full_run, "evaluate", "details") / "live" / "live-results.jsonl").read_text("utf-8")
+    assert len(results.splitlines()) == 8
+    assert (
+        details["baseline"]["baseline_live_calls"] == 8
+        and "baseline_offline_fraud_accuracy" in details["baseline"]
+    )
+    report = _artifact(full_run, "evaluate", "report_md").read_text("utf-8")
+    assert "The deployed detector, live on held-out calls" in report
     assert figures["well_formed_rate"] == round(details["final"]["well_formed_rate"], 4)
     matrix = out["artifacts"]["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert sum(sum(r["row"]) for r in matrix["rows"]) == details["final"]["fraud"]["n_samples"]

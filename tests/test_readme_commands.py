@@ -95,7 +95,7 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
         "in process, CI-sized",
     ),
     "make recipe-rm-dpo": ("tests/test_seed_recipes.py::test_rm_dpo_recipe", "in process, CI-sized"),
-    "teleguard serve --model runs/registry/teleguard-detector/<version> --prompts-file recipes/safe-qaq/prompts-cpu-zh.yaml": (
+    "teleguard serve --model runs/registry/teleguard-detector/<version>": (
         f"{LOCAL}::test_serve_and_stream_as_the_readme_shows",
         "the main command's trained model, as a subprocess on a free port",
     ),

@@ -33,6 +33,7 @@ from teleguard.serve.client import ReplayEvent, ReplayResult, percentile, replay
 
 DEMO_DIR = "serve-demo"  # inside the run folder: the server's configuration and log
 READY_TIMEOUT_S = 120.0
+LOAD_FAILED = "failed; the server stays unready"  # what teleguard.serve.server logs when loading fails
 
 
 def pick_calls(calls: Sequence[CallRecord], *, fraud: int = 2, normal: int = 2) -> list[CallRecord]:
@@ -81,6 +82,17 @@ class ServerProcess:
             return ""
         return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
 
+    def load_failure(self) -> str | None:
+        """The server's own error lines when loading the model failed, else None."""
+        if not self.log.is_file():
+            return None
+        lines = self.log.read_text("utf-8", "replace").splitlines()
+        at = next((i for i, line in enumerate(lines) if LOAD_FAILED in line), None)
+        if at is None:
+            return None
+        cause = next((line for line in lines[at + 1 :] if "Error" in line.split(":")[0]), "")
+        return "\n".join(line for line in (lines[at], cause) if line)
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
         """Seconds until /v2/health/ready answered 200; RuntimeError if the server died or took too long."""
         assert self.process is not None
@@ -91,6 +103,9 @@ class ServerProcess:
                     raise RuntimeError(
                         f"teleguard serve exited with code {self.process.returncode}:\n{self.log_tail()}"
                     )
+                failed = self.load_failure()
+                if failed:  # the server stays up but unready (as a pod would): no point in waiting
+                    raise RuntimeError(f"teleguard serve could not load the model:\n{failed}")
                 try:
                     if http.get(f"{self.url}/v2/health/ready").status_code == 200:
                         return time.monotonic() - started
@@ -298,7 +313,7 @@ def run_demo(
 
 
 def demo_from_run(
-    summary: dict[str, Any], arguments: dict[str, Any], *, console: Console | None = None, calls: int = 4
+    summary: dict[str, Any], *, console: Console | None = None, calls: int = 4
 ) -> dict[str, Any] | None:
     """The demo after a local pipeline run: the registered model (or the exported one when the gate failed)
     and held-out calls from the build-data step. Returns None (saying why) when either is missing."""

@@ -101,13 +101,16 @@ def run_command(
     except PipelineRunFailed as failure:
         show_failure(failure, verbose=verbose)
         raise typer.Exit(1) from None
-    summary = summarize_run(run_dir, info.steps())
+    summary = summarize_run(run_dir, info.steps(), arguments)
     print_summary(summary, title=info.title)
-    # (the live evaluation of the served detector joins the summary here once the pipeline reports it)
     if serve:
         from teleguard.demo_serving import demo_from_run
 
-        demo_from_run(summary, arguments, console=console)
+        try:
+            demo_from_run(summary, console=console)
+        except RuntimeError as err:  # the server did not come up: say why, as a failed step does
+            err_console.print(f"[red]the serving demo failed:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from None
     if upload:
         console.print(f"artifacts uploaded to {upload.rstrip('/')}/{run_dir.name}")
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +330,117 @@ def evaluate_step(
     )  # fmt: skip
 
 
+def evaluate_with_live_step(
+    recipe: str,
+    overrides: dict[str, Any],
+    datasets: Path,
+    calls: Path,
+    models: dict[str, Path],
+    out_report: Path,
+    audio_calls: Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`evaluate_step`, then (per the recipe's `evaluate.live`) the final model as deployed
+    (`live_evaluation_step`): its flat live figures land in `results["final"]["live"]`, the baseline's in
+    `results["baseline"]`, and the live section is appended to report.md."""
+    results = evaluate_step(recipe, overrides, datasets, models, out_report)
+    if not step_recipe(recipe, overrides).evaluate.live.enabled:
+        return results
+    live = live_evaluation_step(
+        recipe, overrides, calls, models["final"], out_report / "live", audio_calls=audio_calls
+    )
+    results["final"]["live"] = {k: v for k, v in live["figures"].items() if k.startswith("live_")}
+    results["final"]["live_metrics"] = live["metrics"]
+    if live["baseline"] is not None:
+        results["baseline"] = {k: v for k, v in live["figures"].items() if k.startswith("baseline_")}
+    heading = "The deployed detector, live on held-out calls"
+    section = (out_report / "live" / "live.md").read_text("utf-8")
+    with (out_report / "report.md").open("a", encoding="utf-8") as f:
+        f.write(f"\n## {heading}\n\n" + section.split("\n", 1)[1])
+    # the same section in the HTML report (the Kubeflow UI shows that one): live.html's body after its title
+    page = (out_report / "report.html").read_text("utf-8")
+    body = (out_report / "live" / "live.html").read_text("utf-8").split("</h1>", 1)[1].split("</body>", 1)[0]
+    page = page.replace("</body>", f"<h2>{heading}</h2>{body}</body>", 1)
+    (out_report / "report.html").write_text(page, "utf-8")
+    (out_report / "metrics.json").write_text(json.dumps(results, indent=2, default=str) + "\n", "utf-8")
+    return results
+
+
+def live_evaluation_step(
+    recipe: str,
+    overrides: dict[str, Any],
+    calls: Path,
+    model: Path,
+    out_report: Path,
+    *,
+    audio_calls: Path | None = None,
+) -> dict[str, Any]:
+    """The exported model as it is deployed: the held-out calls of `calls` (a build-data calls folder) replayed
+    turn by turn through the detector's own code with the model's serving profile, scored with the live
+    metrics, next to a TF-IDF baseline trained on the training calls. Writes live.json/.md/.html and the
+    replay's per-call results; returns {"metrics", "figures" (flat, for KFP and the gate), "baseline"}.
+    A model served on audio is streamed the synthesized audio of `audio_calls` (the audio step's calls)."""
+    from teleguard.data.dataset import CALLS_FILE, read_calls
+    from teleguard.demo_serving import pick_calls
+    from teleguard.evaluate.baseline import offline_figures, run_baseline
+    from teleguard.evaluate.live import (
+        live_figures,
+        live_metrics,
+        monitoring_policy,
+        replay_model,
+        write_live_report,
+        write_results,
+    )
+    from teleguard.serve.engine import EngineConfig
+    from teleguard.serve.policy import DecisionPolicy
+    from teleguard.serve.profile import apply_profile, describe
+
+    cfg = step_recipe(recipe, overrides)
+    live = cfg.evaluate.live
+    policy, profile = apply_profile(model, DecisionPolicy())
+    print(describe(profile, model))
+    replayed = calls
+    if (
+        policy.modality == "audio"
+        and audio_calls
+        and (audio_calls / cfg.data.eval_split / CALLS_FILE).is_file()
+    ):
+        replayed = audio_calls
+    test = read_calls(replayed / cfg.data.eval_split)
+    if live.limit is not None and live.limit < len(test):  # both labels, in proportion
+        n_fraud = round(live.limit * sum(c.labels.is_fraud for c in test) / len(test))
+        test = pick_calls(test, fraud=n_fraud, normal=live.limit - n_fraud)
+    engine = EngineConfig(
+        kind=cfg.evaluate.engine,
+        model=str(model),
+        device="cpu" if cfg.device == "cpu" else "auto",
+        max_batch_size=live.max_batch_size,
+        timeout_s=600,
+    )
+    started = time.perf_counter()
+    results = replay_model(
+        test, engine, monitoring_policy(policy) if live.exact_sweep else policy, concurrency=live.concurrency
+    )
+    replay_s = time.perf_counter() - started
+    out_report.mkdir(parents=True, exist_ok=True)
+    write_results(out_report / "live-results.jsonl", results)
+    metrics = live_metrics(results, max_false_alarm_rate=live.max_false_alarm_rate)
+    metrics["replay_seconds"] = round(replay_s, 2)
+    columns = {"model": metrics}
+    figures = live_figures(metrics)
+    baseline: dict[str, Any] | None = None
+    if live.baseline:
+        train = read_calls(calls / cfg.data.train_split)
+        base = run_baseline(
+            train, test, policy, max_chars=policy.max_transcript_chars, alert_threshold=policy.alert_threshold,
+            max_false_alarm_rate=live.max_false_alarm_rate,
+        )  # fmt: skip
+        columns["TF-IDF + LR baseline"] = base["live"]
+        baseline = {"offline": base["offline"], "live": base["live"], "seconds": base["seconds"]}
+        figures |= offline_figures(base["offline"]) | live_figures(base["live"], prefix="baseline_live_")
+    write_live_report(columns, out_report, baseline_offline=baseline["offline"] if baseline else None)
+    return {"metrics": metrics, "figures": figures, "baseline": baseline}
+
+
 def evaluate_recipe_step(
     recipe: str,
     overrides: dict[str, Any],
@@ -409,8 +521,10 @@ def log_evaluation(
         confusion.log_confusion_matrix(matrix["labels"], matrix["matrix"])
     shutil.copy(details / "report.html", report_html)
     shutil.copy(details / "report.md", report_md)
+    for key, value in final.get("live", {}).items():
+        metrics.log_metric(key, round(value, 4))
     return json.dumps(
-        {k: final.get(k) for k in ("fraud", "well_formed_rate", "mean_think_length")}, default=str
+        {k: final.get(k) for k in ("fraud", "well_formed_rate", "mean_think_length", "live")}, default=str
     )
 
 
@@ -433,13 +547,40 @@ def teacher_model_step(
         copy_tree(Runner(cfg, log=print).teacher_model(), out_model)
 
 
-def quality_gate(result: dict[str, Any], min_fraud_accuracy: float, min_well_formed: float) -> bool:
-    """Whether a model may be registered for serving."""
-    fraud = result.get("fraud", {})
-    return (
-        fraud.get("accuracy", 0.0) >= min_fraud_accuracy
-        and result.get("well_formed_rate", 0.0) >= min_well_formed
-    )
+GATE_FIGURES = (  # (pipeline parameter, figure, at least / at most)
+    ("min_live_accuracy", "live_verdict_accuracy", "min"),
+    ("max_false_alarm_rate", "live_false_alarm_rate", "max"),
+    ("min_live_fraud_type_accuracy", "live_fraud_type_accuracy", "min"),
+    ("min_flagged_within_half", "live_flagged_within_half", "min"),
+    ("min_well_formed", "well_formed_rate", "min"),
+)
+
+
+def gate_checks(result: dict[str, Any], thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """Each threshold against the evaluated figure (live figures: the deployed detector on held-out calls).
+    A figure the evaluation did not produce fails its check."""
+    figures = {**result.get("live", {}), "well_formed_rate": result.get("well_formed_rate")}
+    checks = []
+    for parameter, figure, kind in GATE_FIGURES:
+        limit = thresholds[parameter]
+        value = figures.get(figure)
+        ok = value is not None and (value >= limit if kind == "min" else value <= limit)
+        checks.append(
+            {
+                "parameter": parameter,
+                "figure": figure,
+                "value": value,
+                "limit": limit,
+                "kind": kind,
+                "passed": ok,
+            }
+        )
+    return checks
+
+
+def quality_gate(result: dict[str, Any], thresholds: dict[str, float]) -> bool:
+    """Whether a model may be registered for serving: every check of `gate_checks` passes."""
+    return all(check["passed"] for check in gate_checks(result, thresholds))
 
 
 def register_step(model: Path, registry_uri: str, name: str, metrics: dict[str, Any]) -> str:

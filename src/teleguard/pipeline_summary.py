@@ -58,9 +58,11 @@ def _figures(step: str, out: Any) -> str:
     return ", ".join(f"{label} {_number(out[key])}" for key, label in TRAINING_FIGURES.items() if key in out)
 
 
-def summarize_run(run_dir: Path, pipeline_steps: dict[str, str]) -> dict[str, Any]:
+def summarize_run(
+    run_dir: Path, pipeline_steps: dict[str, str], arguments: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The run's steps (`pipeline_steps`: the pipeline's STEPS), the evaluation of each compared model, the gate's
-    verdict and where things are."""
+    verdict with each of its checks (the thresholds from the run's `arguments`) and where things are."""
     from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
 
     logs = run_dir / LOGS_DIR
@@ -86,18 +88,26 @@ def summarize_run(run_dir: Path, pipeline_steps: dict[str, str]) -> dict[str, An
         "steps": steps,
         "evaluation": {
             model: {
-                "fraud_accuracy": m.get("fraud", {}).get("accuracy"),
-                "fraud_macro_f1": m.get("fraud", {}).get("macro_f1"),
+                **{
+                    f"{task}_{key}": m.get(task, {}).get(key)
+                    for task in ("scene", "fraud", "fraud_type")
+                    for key in ("accuracy", "macro_f1")
+                },
                 "well_formed_rate": m.get("well_formed_rate"),
                 "mean_think_length": m.get("mean_think_length"),
             }
             for model, m in evaluation.items()
-        },
+            if model != "baseline"  # the baseline's figures are flat
+        }
+        | _baseline_offline(evaluation),
+        "live": _live(evaluation),
         "eval_sets": {
             model: {name: r.get("fraud", {}).get("accuracy") for name, r in m.get("eval_sets", {}).items()}
             for model, m in evaluation.items()
+            if model != "baseline"
         },
         "gate_passed": step_output(run_dir, "quality-gate"),
+        "gate_checks": _gate_checks(evaluation, arguments or {}),
         "registered": step_output(run_dir, "register-model"),
         "report": str(run_dir / evaluate / "details" / "report.md") if evaluation else None,
         "report_html": str(run_dir / evaluate / "report") if evaluation else None,
@@ -105,6 +115,64 @@ def summarize_run(run_dir: Path, pipeline_steps: dict[str, str]) -> dict[str, An
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     return summary
+
+
+# the live figures the summary shows: (flat figure name without prefix, label, kind)
+LIVE_ROWS = (
+    ("verdict_accuracy", "is it fraud: verdict accuracy", "ratio"),
+    ("precision", "is it fraud: precision", "ratio"),
+    ("recall", "is it fraud: recall", "ratio"),
+    ("false_alarm_rate", "false alarms on normal calls", "ratio"),
+    ("fraud_type_accuracy", "fraud type: accuracy of the verdicts", "ratio"),
+    ("scene_accuracy", "scene: accuracy of the verdicts", "ratio"),
+    ("time_to_detection_s_median", "time to detection, median (s)", "seconds"),
+    ("detection_fraction_median", "time to detection, median share of the call", "ratio"),
+    ("flagged_within_quarter", "fraud calls flagged in the first 25 %", "ratio"),
+    ("flagged_within_half", "fraud calls flagged in the first 50 %", "ratio"),
+    ("model_calls_per_call", "model calls per call", "number"),
+    ("latency_p50_s", "decision latency p50 (s)", "seconds"),
+    ("latency_p99_s", "decision latency p99 (s)", "seconds"),
+    ("ece", "calibration error (ECE) of is-fraud confidence", "ratio"),
+    ("operating_threshold", "suggested alert threshold (false alarms <= target)", "number"),
+)
+
+
+def _gate_checks(evaluation: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quality gate's checks as its step made them, from the run's thresholds (none without them)."""
+    from teleguard.pipeline_steps import GATE_FIGURES, gate_checks
+
+    thresholds = {p: arguments[p] for p, _, _ in GATE_FIGURES if p in arguments}
+    if "final" not in evaluation or len(thresholds) < len(GATE_FIGURES):
+        return []
+    return gate_checks(evaluation["final"], thresholds)
+
+
+def _baseline_offline(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The TF-IDF baseline's offline figures as a row of the offline table (none without a baseline)."""
+    flat = evaluation.get("baseline", {})
+    if not flat:
+        return {}
+    row: dict[str, Any] = {
+        f"{task}_{key}": flat.get(f"baseline_offline_{task}_{key}")
+        for task in ("scene", "fraud", "fraud_type")
+        for key in ("accuracy", "macro_f1")
+    }
+    return {"TF-IDF + LR baseline": {**row, "well_formed_rate": None, "mean_think_length": None}}
+
+
+def _live(evaluation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The deployed model's live figures and the baseline's, without their prefixes (empty without a live
+    evaluation)."""
+    final = evaluation.get("final", {}).get("live", {})
+    if not final:
+        return {}
+    out = {"model": {k.removeprefix("live_"): v for k, v in final.items()}}
+    baseline = evaluation.get("baseline", {})
+    if baseline:
+        out["TF-IDF + LR baseline"] = {
+            k.removeprefix("baseline_live_"): v for k, v in baseline.items() if k.startswith("baseline_live_")
+        }
+    return out
 
 
 def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> None:
@@ -126,11 +194,31 @@ def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> 
         )
     console.print(steps)
     if summary["evaluation"]:
-        table = Table(title="evaluation on the held-out split (is it fraud?)", title_justify="left")
-        for column in ("model", "fraud accuracy", "fraud macro F1", "well-formed", "mean think length"):
+        table = Table(
+            title="offline evaluation on the held-out split (every round, greedy, whole calls)",
+            title_justify="left",
+        )
+        columns = ("model", "scene acc", "scene macro F1", "fraud acc", "fraud macro F1", "type acc",
+                   "type macro F1", "well-formed", "think length")  # fmt: skip
+        for column in columns:
             table.add_column(column, justify="right" if column != "model" else "left")
         for model, m in summary["evaluation"].items():
             table.add_row(model, *(_number(v) if v is not None else "-" for v in m.values()))
+        console.print(table)
+    live = summary.get("live") or {}
+    if live:
+        calls = int(live["model"].get("calls") or 0)
+        table = Table(
+            title=f"live evaluation: the deployed detector on {calls} held-out calls, fed turn by turn",
+            title_justify="left",
+        )
+        table.add_column("figure")
+        for column in live:
+            table.add_column(column, justify="right")
+        for key, label, _kind in LIVE_ROWS:
+            values = [live[column].get(key) for column in live]
+            if any(v is not None for v in values):
+                table.add_row(label, *(_number(v) if v is not None else "-" for v in values))
         console.print(table)
     sets = {name for per_model in summary.get("eval_sets", {}).values() for name in per_model}
     if sets:
@@ -147,6 +235,13 @@ def print_summary(summary: dict[str, Any], title: str = "SAFE-QAQ pipeline") -> 
             summary["gate_passed"], "not reached"
         )
         console.print(f"quality gate: {verdict}")
+        for c in summary.get("gate_checks", []):
+            mark = "[green]pass[/]" if c["passed"] else "[red]FAIL[/]"
+            sign = ">=" if c["kind"] == "min" else "<="
+            value = "missing" if c["value"] is None else _number(c["value"])
+            console.print(
+                f"  {mark} {c['figure']} {value} {sign} {c['limit']:g}  ({c['parameter']})", highlight=False
+            )
     where = {"highlight": False, "soft_wrap": True}  # paths on one line, to copy
     if summary["registered"]:
         console.print(f"registered model: {summary['registered']}", **where)

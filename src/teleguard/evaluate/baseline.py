@@ -28,7 +28,13 @@ import numpy as np
 
 from teleguard.contract.labels import FRAUD, NORMAL, Round
 from teleguard.data.records import CallRecord
-from teleguard.evaluate.live import ROUNDS, CallResult, LiveDecision, live_metrics
+from teleguard.evaluate.live import (
+    DEFAULT_MAX_FALSE_ALARM_RATE,
+    ROUNDS,
+    CallResult,
+    LiveDecision,
+    live_metrics,
+)
 from teleguard.evaluate.metrics import classification_metrics
 from teleguard.serve.chunks import parse_chunk
 from teleguard.serve.client import new_call_id, transcript_script
@@ -336,15 +342,22 @@ def run_baseline(
     detector_config: DetectorConfig | None = None,
     max_chars: int | None = None,
     options: BaselineOptions | None = None,
+    alert_threshold: float = ALERT_THRESHOLD,
+    max_false_alarm_rate: float = DEFAULT_MAX_FALSE_ALARM_RATE,
 ) -> dict[str, Any]:
     """Train on `train`, score `test` offline and live: {"offline", "live" (`live_metrics`), "results"
-    (the live `CallResult`s), "seconds" {train, offline, live, total}}."""
+    (the live `CallResult`s), "seconds" {train, offline, live, total}}. The baseline reads transcripts: a
+    policy for audio is used with the text modality (same points, same window)."""
     start = time.perf_counter()
     model = train_baseline(train, options=options, max_chars=max_chars)
     offline = score_offline(model, test, max_chars=max_chars)
     live_start = time.perf_counter()
-    results = score_live(model, test, policy, detector_config=detector_config)
-    live = live_metrics(results)
+    if policy is not None and policy.modality != "text":
+        policy = policy.model_copy(update={"modality": "text"})
+    results = score_live(
+        model, test, policy, detector_config=detector_config, alert_threshold=alert_threshold
+    )
+    live = live_metrics(results, max_false_alarm_rate=max_false_alarm_rate)
     end = time.perf_counter()
     return {
         "offline": offline,

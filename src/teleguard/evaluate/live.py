@@ -37,7 +37,14 @@ from teleguard.contract.labels import FRAUD, NORMAL, Round
 from teleguard.data.records import CallLabels, CallRecord
 from teleguard.evaluate.metrics import UNKNOWN, classification_metrics
 from teleguard.evaluate.report import _Block, _Heading, _html, _markdown, _num, _Paragraph, _Table
-from teleguard.serve.client import new_call_id, percentile, transcript_script
+from teleguard.serve.client import (
+    RATE,
+    CallScript,
+    audio_script,
+    new_call_id,
+    percentile,
+    transcript_script,
+)
 from teleguard.serve.detector import Detector, DetectorConfig, Unavailable
 from teleguard.serve.engine import EngineConfig
 from teleguard.serve.policy import DecisionPolicy, Generate
@@ -210,10 +217,23 @@ def monitoring_policy(policy: DecisionPolicy) -> DecisionPolicy:
     return policy.model_copy(update={"keep_monitoring_after_alert": True})
 
 
+def call_script(
+    record: CallRecord, policy: DecisionPolicy, language: Literal["zh", "en"] | None = None
+) -> CallScript:
+    """What a client streams for a call: its audio in 1 s chunks when the policy asks for audio and the record
+    has some (a model trained on audio), else one transcript chunk per finished turn."""
+    if policy.modality == "audio" and record.audio:
+        from teleguard.data.audio import read_audio
+
+        audio, _ = read_audio(record.audio, rate=RATE)
+        return audio_script(audio, source_id=record.call_id, labels=record.labels)
+    return transcript_script(record, language=language)
+
+
 async def _replay_one(
     detector: Detector, record: CallRecord, language: Literal["zh", "en"] | None
 ) -> CallResult:
-    script = transcript_script(record, language=language)
+    script = call_script(record, detector.policy, language)
     call_id = new_call_id(script)
     opened = await detector.open({"call_id": call_id, "modality": script.modality, "language": language})
     # the session holds every decision, also those of an evaluation the engine failed in part way (an alert

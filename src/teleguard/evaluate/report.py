@@ -188,6 +188,15 @@ def _summary_blocks(results: dict[str, dict[str, Any]], plots: _Plots | None) ->
     task_headers = [f"{title}: well-formed / think" for _, title in _tasks(results)]
     blocks.append(_Table(["stage", "outputs", "well-formed rate", "mean think length", *task_headers], rows))
 
+    reasoned = {stage: r["reasoning"] for stage, r in results.items() if "reasoning" in r}
+    if reasoned:  # is the reasoning about the call? (teleguard.data.evidence.reasoning_figures)
+        blocks.append(_Heading("Reasoning about the call"))
+        keys = ("answers", "distinct_reasoning_rate", "quoting_rate", "evidence_in_transcript_rate")
+        headers = ["stage", "answers", "distinct reasoning", "quoting the call", "quotes found in the call"]
+        blocks.append(
+            _Table(headers, [[stage, *(_num(r[k]) for k in keys)] for stage, r in reasoned.items()])
+        )
+
     if plots is not None:
         with_fraud = [s for s in stages if "fraud" in results[s]]
         if with_fraud:

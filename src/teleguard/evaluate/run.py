@@ -98,6 +98,15 @@ def read_predictions(path: Path) -> list[RoundPrediction]:
         return [RoundPrediction(**json.loads(line)) for line in f if line.strip()]
 
 
+def reasoning_of(rows: Sequence[dict[str, Any]], predictions: Sequence[RoundPrediction]) -> dict[str, Any]:
+    """Whether the answers reason about their call: distinct thinks, and quotes found in the call as the
+    prompt showed it (`teleguard.data.evidence.reasoning_figures`; rows and predictions in the same order)."""
+    from teleguard.data.evidence import reasoning_figures
+
+    shown = [next((m["content"] for m in row["messages"] if m["role"] == "user"), "") for row in rows]
+    return reasoning_figures(zip(shown, (p.output for p in predictions), strict=True))
+
+
 def evaluate_models(
     models: dict[str, Callable[[], Engine]],
     rows: Sequence[dict[str, Any]],
@@ -121,6 +130,7 @@ def evaluate_models(
         predictions = predict(engine, rows, max_tokens, batch_size)
         write_predictions(out_dir / f"predictions-{name}.jsonl", predictions)
         results[name] = evaluate_predictions(predictions, alert_threshold=alert_threshold)
+        results[name]["reasoning"] = reasoning_of(rows, predictions)
         per_set = {}
         for set_name, set_rows in (eval_sets or {}).items():
             set_predictions = predict(engine, set_rows, max_tokens, batch_size)

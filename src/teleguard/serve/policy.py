@@ -128,7 +128,9 @@ class DecisionPolicy(BaseModel):
     # turn; not before `min_turns` turns (text) or `min_audio_seconds` (audio) are there.
     every_seconds: float | None = Field(default=5.0, gt=0)
     on_turn: bool = True
-    min_turns: int = Field(default=2, ge=0)  # training's streaming prefixes hold at least 2 turns
+    min_turns: int = Field(
+        default=2, ge=0
+    )  # a model's serving profile sets it as its training prefixes start
     min_audio_seconds: float = Field(default=0.0, ge=0)
     ask_scene: Literal["always", "until_known", "never"] = "until_known"
     alert_threshold: float = Field(default=0.5, ge=0, le=1)

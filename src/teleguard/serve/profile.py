@@ -149,29 +149,34 @@ def describe(profile: ServingProfile | None, model_dir: Path) -> str:
 
 
 def profile_for_build(
-    serving: Any, datasets: Path, *, modality: str, source: dict[str, Any]
+    serving: Any, datasets: Path, *, modality: str, source: dict[str, Any], train_split: str = "train"
 ) -> tuple[ServingProfile, PromptSet]:
     """The profile of a model trained on `datasets` (a `teleguard data build` folder): its prompt set and
     transcript window from the build, policy points and threshold from the recipe's `serving` section."""
     import json
 
     from teleguard.contract import load_prompts
+    from teleguard.data.dataset import PROMPTS_FILE
 
-    prompts_file = datasets / "prompts.yaml"  # teleguard.data.dataset.PROMPTS_FILE
-    card_file = datasets / "train" / "card.json"
+    prompts_file = datasets / PROMPTS_FILE
+    card_file = datasets / train_split / "card.json"
     card = json.loads(card_file.read_text("utf-8")) if card_file.is_file() else {}
     prompts = load_prompts(prompts_file if prompts_file.is_file() else card.get("language"))
     policy = {
         "chain_scene": bool(card.get("chain_scene", False)),
         "max_transcript_chars": card.get("max_transcript_chars"),
-        **serving.model_dump(exclude_none=True),
+        **serving.model_dump(),  # every_seconds None too: it switches the time points off
     }
+    if policy["max_tokens"] is None:
+        del policy["max_tokens"]
+    if policy["chain_scene"]:  # the chained is_fraud round follows a scene round, which must then be asked
+        policy["ask_scene"] = "always"
     build = {k: card[k] for k in ("max_transcript_chars", "evidence_chars", "chain_scene") if k in card}
     return (
         ServingProfile(
             language=prompts.language,
             modality=modality,  # type: ignore[arg-type]
-            policy={k: v for k, v in policy.items() if v is not None},
+            policy=policy,
             source={**source, "data_build": build},
         ),
         prompts,

@@ -327,7 +327,7 @@ class ServingConfig(_Config):
         default=None, gt=0, description="evaluate every N s of new call audio"
     )
     on_turn: bool = Field(default=True, description="evaluate at each finished turn")
-    min_turns: int = Field(default=2, ge=0)
+    min_turns: int = Field(default=1, ge=0, description="evaluate from this many finished turns")
     ask_scene: Literal["always", "until_known", "never"] = "until_known"
     alert_threshold: float = Field(default=0.5, ge=0, le=1)
     max_tokens: int | None = Field(

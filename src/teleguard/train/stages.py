@@ -655,7 +655,11 @@ class Runner:
         if serving.max_tokens is None:
             serving = serving.model_copy(update={"max_tokens": self.recipe.evaluate.max_tokens})
         profile, prompts = profile_for_build(
-            serving, self.datasets(), modality=self.recipe.data.modality, source={"recipe": self.recipe.name}
+            serving,
+            self.datasets(),
+            modality=self.recipe.data.modality,
+            source={"recipe": self.recipe.name},
+            train_split=self.recipe.data.train_split,
         )
         write_profile(target, profile, prompts)
 

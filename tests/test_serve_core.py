@@ -585,6 +585,24 @@ def test_budget_caps_model_calls_per_call() -> None:
     assert all(d.scene == SCENE for d in decisions)
 
 
+def test_a_call_past_the_transcript_window_is_not_asked_the_same_prompt_again() -> None:
+    # each line "左：第i句话" is 6 characters, joined by newlines: the first two turns and the start of the third
+    # fill a 16-character window; after that the prompt cannot change
+    policy = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never", max_transcript_chars=16)
+    session, engine = CallSession("c1"), Scripted(fraud_answer(False))
+    feed_all(policy, session, turn_chunks(6), engine)
+    transcripts = [r.messages[-1]["content"] for r in engine.requests]
+    assert len(transcripts) == 3 and len(set(transcripts)) == 3  # turns 1, 2, 3; turns 4-6 change nothing
+    assert session.evaluated_segments == 6 and not policy.pending(session)
+    _, verdict = run(policy.close(session, engine))
+    assert len(engine.requests) == 3 and verdict.is_fraud is False  # nothing new for the close either
+    # without a window every turn is new to the model
+    whole = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never")
+    session, engine = CallSession("c1"), Scripted(fraud_answer(False))
+    feed_all(whole, session, turn_chunks(6), engine)
+    assert len(engine.requests) == 6
+
+
 def test_duplicate_chunk_returns_the_decisions_already_made() -> None:
     policy = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never")
     session, engine = CallSession("c1"), Scripted()

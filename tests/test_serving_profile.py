@@ -149,7 +149,7 @@ def test_profile_from_a_data_build_carries_its_prompts_window_and_recipe_points(
     assert prompts.system == SYSTEM
     assert profile.policy == {
         "chain_scene": False, "max_transcript_chars": 77, "every_seconds": 15.0, "on_turn": False,
-        "min_turns": 2, "ask_scene": "until_known", "alert_threshold": 0.65, "max_tokens": 96,
+        "min_turns": 1, "ask_scene": "until_known", "alert_threshold": 0.65, "max_tokens": 96,
     }  # fmt: skip
     assert profile.source["recipe"] == "r" and profile.source["data_build"]["max_transcript_chars"] == 77
 
@@ -242,3 +242,15 @@ def test_teleguard_serve_model_dir_alone_uses_the_profile(tiny_text_model: TinyM
     assert "has no serving profile" in log
     prompts = [json.loads(line.split(": ", 2)[2]) for line in log.splitlines() if "prompt for call" in line]
     assert prompts and prompts[0][0]["content"] == load_prompts("zh").system
+
+
+def test_profile_keeps_switched_off_time_points_and_a_chained_scene(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "card.json").write_text(json.dumps({"chain_scene": True, "max_transcript_chars": 99}))
+    profile, _ = profile_for_build(ServingConfig(every_seconds=None, ask_scene="until_known"), data, modality="text",
+                                   source={})  # fmt: skip
+    policy = DecisionPolicy.model_validate(profile.policy)
+    assert policy.every_seconds is None and policy.on_turn  # not DecisionPolicy's default of every 5 s
+    # a model trained with the scene chained before is_fraud is asked so: the scene round always comes first
+    assert policy.chain_scene and policy.ask_scene == "always" and policy.max_transcript_chars == 99

@@ -578,15 +578,8 @@ def gate_checks(result: dict[str, Any], thresholds: dict[str, float]) -> list[di
     return checks
 
 
-def quality_gate(result: dict[str, Any], thresholds: dict[str, float]) -> bool:
-    """Whether a model may be registered for serving: every check of `gate_checks` passes."""
-    return all(check["passed"] for check in gate_checks(result, thresholds))
-
-
 def register_step(model: Path, registry_uri: str, name: str, metrics: dict[str, Any]) -> str:
     """Put the serving model under `<registry_uri>/<name>/<version>` (local folder or S3, with checksums)."""
-    import time
-
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = f"{registry_uri.rstrip('/')}/{name}/{version}"
     with tempfile.TemporaryDirectory(prefix="teleguard-register-") as tmp:

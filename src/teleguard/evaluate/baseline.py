@@ -212,9 +212,7 @@ class LiveCall:
 
 
 def _take(session: CallSession, policy: DecisionPolicy, seq: int) -> LivePoint:
-    # marks the evaluation as DecisionPolicy's snapshot does, so `due` and `pending` see it
-    session.evaluated_time = session.audio_time
-    session.evaluated_segments = session.segments_received
+    policy.mark_evaluated(session, "text")  # as the detector's evaluation does, so `due` and `pending` see it
     # the transcript window the session keeps, cut as RowBuilder.question cuts the model's prompt
     return LivePoint(seq, session.audio_time, session.transcript()[: policy.max_transcript_chars])
 

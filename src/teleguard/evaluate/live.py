@@ -2,9 +2,10 @@
 
 `replay_calls` streams each call record through `teleguard.serve.detector.Detector` in process, the code that
 `teleguard serve` runs (its `open` / `chunk` / `close`, the call session, the `DecisionPolicy`, any engine):
-one chunk per finished turn, built by the stream client's own script builder
+one chunk per finished turn, built by the stream client's own script builders
 (`teleguard.serve.client.transcript_script`, turn times estimated with `teleguard.data.timing` where the source
-has none), sent as fast as the detector answers. Many calls are in flight at once (an asyncio semaphore), so an
+has none; for a policy that asks for audio, the call's audio in 1 s chunks, `audio_script`), sent as fast as the
+detector answers. Many calls are in flight at once (an asyncio semaphore), so an
 engine's micro-batcher batches requests across calls as in serving. Each call's verdict and every decision are
 kept as a `CallResult`.
 
@@ -338,7 +339,7 @@ def replay_calls(
     """Replay each call through the real detector with `generate` as its engine; one result per call, in order.
 
     `generate` is any `teleguard.serve.policy.Generate` (for a model: `teleguard.serve.engine.build_engine`;
-    it is not closed here). Each call is opened with the text modality and streamed one turn per chunk as fast
+    it is not closed here). Each call is opened with its script's modality (`call_script`) and streamed as fast
     as the detector answers, at most `concurrency` calls at a time. `detector_config` sets the detector's
     limits (its session limits bound the transcript the model sees). `language` overrides the policy's prompt
     language per call. An engine failure on a chunk is counted (`engine_errors`) and the call goes on, as a

@@ -200,6 +200,7 @@ def serve_command(
         "engine.template": template,
         "engine.device": device,
         "engine.max_tokens": max_tokens,
+        "policy.max_tokens": max_tokens,  # per answer: wins over the profile's, as an option does
         "engine.timeout_s": timeout,
         "engine.max_batch_size": max_batch_size,
         "policy.language": language,

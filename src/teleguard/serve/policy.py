@@ -183,11 +183,27 @@ class DecisionPolicy(BaseModel):
         return max(0, self.max_model_calls - session.model_calls)
 
     def pending(self, session: CallSession) -> bool:
-        """Whether anything arrived since the last evaluation."""
-        return (
+        """Whether anything arrived since the last evaluation that the model would see."""
+        arrived = (
             session.audio_time > session.evaluated_time
             or session.segments_received > session.evaluated_segments
         )
+        return arrived and not self._unchanged(session)
+
+    def _window(self, session: CallSession) -> str:
+        """The transcript as the prompt holds it (cut to `max_transcript_chars`)."""
+        return session.transcript()[: self.max_transcript_chars]
+
+    def _unchanged(self, session: CallSession) -> bool:
+        """Whether the model would be shown exactly what it saw last time: a text call past the transcript
+        window. Asking again would cost a model call for the same prompt, so the new content is taken as
+        evaluated instead."""
+        if self.max_transcript_chars is None or session.evaluated_window is None:
+            return False
+        if self.modality_for(session) != "text" or self._window(session) != session.evaluated_window:
+            return False
+        self.mark_evaluated(session, "text")
+        return True
 
     def due(self, session: CallSession) -> str | None:
         """Why the call should be evaluated now ("turn" or "audio"), or None."""
@@ -200,18 +216,24 @@ class DecisionPolicy(BaseModel):
             return None
         if modality == "audio" and session.audio_seconds < self.min_audio_seconds:
             return None
+        reason = None
         if self.on_turn and session.segments_received > session.evaluated_segments:
-            return "turn"
-        if (
+            reason = "turn"
+        elif (
             self.every_seconds is not None
             and session.audio_time - session.evaluated_time >= self.every_seconds
         ):
-            return "audio"
-        return None
+            reason = "audio"
+        return None if reason is None or self._unchanged(session) else reason
 
-    def _snapshot(self, session: CallSession, modality: Modality, seq: int) -> Snapshot:
+    def mark_evaluated(self, session: CallSession, modality: Modality) -> None:
+        """What `due` and `pending` compare against: the call as far as it has now been evaluated."""
         session.evaluated_time = session.audio_time
         session.evaluated_segments = session.segments_received
+        session.evaluated_window = self._window(session) if modality == "text" else None
+
+    def _snapshot(self, session: CallSession, modality: Modality, seq: int) -> Snapshot:
+        self.mark_evaluated(session, modality)
         return Snapshot(
             seq=seq,
             audio_time=session.audio_time,
@@ -270,6 +292,7 @@ class DecisionPolicy(BaseModel):
         if modality is None or session.evaluating or not self.budget_left(session):
             return []
         marks = session.evaluated_time, session.evaluated_segments, len(session.decisions)
+        window = session.evaluated_window
         snap = self._snapshot(session, modality, session.next_seq - 1 if seq is None else seq)
         session.evaluating = True
         try:
@@ -279,6 +302,7 @@ class DecisionPolicy(BaseModel):
             # tries again (after a partial answer it counts as evaluated, to not raise an alert twice)
             if len(session.decisions) == marks[2]:
                 session.evaluated_time, session.evaluated_segments = marks[:2]
+                session.evaluated_window = window
             raise
         finally:
             session.evaluating = False

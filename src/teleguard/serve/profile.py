@@ -55,7 +55,7 @@ class ServingProfile(BaseModel):
     language: Literal["zh", "en"] = "zh"
     modality: Literal["text", "audio"] = "text"
     policy: dict[str, Any] = Field(default_factory=dict)
-    # where the settings came from (recipe name, data build knobs, the evaluation that chose the threshold)
+    # where the settings came from: the recipe, the data build knobs
     source: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("policy")

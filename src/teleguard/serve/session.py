@@ -146,6 +146,7 @@ class CallSession:
         self.evaluating = False  # an evaluation is in flight
         self.evaluated_time = 0.0  # audio_time of the last evaluation
         self.evaluated_segments = 0  # segments_received at the last evaluation
+        self.evaluated_window: str | None = None  # the transcript the model saw at the last evaluation
         self.verdict: Verdict | None = None
 
     @classmethod

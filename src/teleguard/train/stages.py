@@ -186,6 +186,11 @@ class Runner:
             model=self.recipe.model.model_dump(mode="json"), common=self.recipe.common.model_dump(mode="json")
         )
         body.update(data=self.recipe.data.model_dump(mode="json"), device=self.recipe.device)
+        if stage == "export":  # the serving profile it writes (its max tokens default to evaluate's)
+            body.update(
+                serving=self.recipe.serving.model_dump(mode="json"),
+                eval_tokens=self.recipe.evaluate.max_tokens,
+            )
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     def run(self, stage: str, start_model: Path | str | None = None) -> StageResult:

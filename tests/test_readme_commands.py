@@ -141,14 +141,14 @@ NOT_RUN: dict[str, str] = {
         "tests/test_train_stages.py (which runs `teleguard.cli train sft` as a subprocess) and the pipeline tests"
     ),
     "teleguard train grpo -c recipes/safe-qaq/tiny-cpu.yaml --set stages.grpo.max_steps=2": (
-        "needs the CPU recipe's warm start (400 SFT steps) first; GRPO through the same Runner: "
+        "needs the CPU recipe's warm start (800 SFT steps) first; GRPO through the same Runner: "
         "tests/test_grpo_text.py, and the pipeline's grpo-stage1 step in the main command's test"
     ),
     "teleguard evaluate -c recipes/safe-qaq/tiny-cpu.yaml": (
         "needs every stage of the CPU recipe trained; the same evaluation runs as the pipeline's evaluate step "
         "in the main command's test and in tests/test_evaluate.py"
     ),
-    "make cpu-recipe": "about 9 minutes on 2 cores; its stages run CI-sized through the pipeline's steps",
+    "make cpu-recipe": "about 15 minutes on 2 cores; its stages run CI-sized through the pipeline's steps",
 }
 
 

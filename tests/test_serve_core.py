@@ -603,6 +603,19 @@ def test_a_call_past_the_transcript_window_is_not_asked_the_same_prompt_again() 
     assert len(engine.requests) == 6
 
 
+def test_the_scene_is_asked_of_calls_the_model_found_normal() -> None:
+    policy = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="when_normal")
+    session, engine = CallSession("c1"), Scripted(fraud_answer(False))
+    decisions = feed_all(policy, session, turn_chunks(3), engine)
+    # turn 1: is_fraud alone (normal); turn 2: the scene too, now known; turn 3: is_fraud alone again
+    assert engine.rounds() == [Round.FRAUD, Round.FRAUD, Round.SCENE, Round.FRAUD]
+    assert decisions[-1].scene == SCENE
+    # a fraud call is never asked its scene: no model call spent on a round training never asked of one
+    session, engine = CallSession("c2"), Scripted(fraud_answer(True, 0.9))
+    feed_all(policy, session, turn_chunks(3, "c2"), engine)
+    assert Round.SCENE not in engine.rounds() and session.alerts == 1
+
+
 def test_duplicate_chunk_returns_the_decisions_already_made() -> None:
     policy = DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never")
     session, engine = CallSession("c1"), Scripted()

@@ -149,7 +149,7 @@ def test_profile_from_a_data_build_carries_its_prompts_window_and_recipe_points(
     assert prompts.system == SYSTEM
     assert profile.policy == {
         "chain_scene": False, "max_transcript_chars": 77, "every_seconds": 15.0, "on_turn": False,
-        "min_turns": 1, "ask_scene": "until_known", "alert_threshold": 0.65, "max_tokens": 96,
+        "min_turns": 1, "ask_scene": "when_normal", "alert_threshold": 0.65, "max_tokens": 96,
     }  # fmt: skip
     assert profile.source["recipe"] == "r" and profile.source["data_build"]["max_transcript_chars"] == 77
 

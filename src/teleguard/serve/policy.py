@@ -132,7 +132,9 @@ class DecisionPolicy(BaseModel):
         default=2, ge=0
     )  # a model's serving profile sets it as its training prefixes start
     min_audio_seconds: float = Field(default=0.0, ge=0)
-    ask_scene: Literal["always", "until_known", "never"] = "until_known"
+    # when_normal: only once an is_fraud answer said normal, until known (training asks the scene of normal
+    # calls only: asked of a fraud call, a model answers nonsense and costs a model call before the alert)
+    ask_scene: Literal["always", "until_known", "when_normal", "never"] = "until_known"
     alert_threshold: float = Field(default=0.5, ge=0, le=1)
     keep_monitoring_after_alert: bool = False
     max_model_calls: int = Field(default=30, ge=1)  # per call
@@ -245,6 +247,8 @@ class DecisionPolicy(BaseModel):
     # --- what to ask -------------------------------------------------------------------------------------
 
     def _wants_scene(self, session: CallSession) -> bool:
+        if self.ask_scene == "when_normal":
+            return session.is_fraud is False and session.scene is None
         return self.ask_scene == "always" or (self.ask_scene == "until_known" and session.scene is None)
 
     def first_messages(self, session: CallSession, snap: Snapshot, round_: Round) -> list[dict[str, str]]:

@@ -328,7 +328,7 @@ class ServingConfig(_Config):
     )
     on_turn: bool = Field(default=True, description="evaluate at each finished turn")
     min_turns: int = Field(default=1, ge=0, description="evaluate from this many finished turns")
-    ask_scene: Literal["always", "until_known", "never"] = "until_known"
+    ask_scene: Literal["always", "until_known", "when_normal", "never"] = "when_normal"
     alert_threshold: float = Field(default=0.5, ge=0, le=1)
     max_tokens: int | None = Field(
         default=None, ge=8, description="tokens per answer; default evaluate.max_tokens"

@@ -6,6 +6,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,3 +101,21 @@ def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
         build_split(part, out / name)
     return out
+
+
+def wait_ready(url: str, process: Any, log: Path, timeout: float = 180.0) -> None:
+    """Wait for a `teleguard serve` subprocess to answer /v2/health/ready with 200 (its log in the failure)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"teleguard serve exited:\n{log.read_text('utf-8')[-3000:]}"
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"not ready after {timeout:g} s:\n{log.read_text('utf-8')[-3000:]}")

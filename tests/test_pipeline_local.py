@@ -28,7 +28,7 @@ from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
 from teleguard.pipeline_summary import step_output, summarize_run
 from teleguard.serve.profile import PROMPTS_FILE, read_profile
 
-from .conftest import TRANSCRIPTS_DIR
+from .conftest import TRANSCRIPTS_DIR, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -147,9 +147,6 @@ def test_serve_and_stream_as_the_readme_shows(cli_run: CliRun, tmp_path: Path) -
     else: the model folder's serving profile says how to ask it), then `teleguard stream` of a held-out call
     record (`--index 3 --speed 10`, WebSocket) and of a shared dialogue file by call id (`--speed 0 --http`)."""
     import signal
-    import time
-
-    import httpx
 
     from teleguard.loopback import free_port
 
@@ -164,16 +161,7 @@ def test_serve_and_stream_as_the_readme_shows(cli_run: CliRun, tmp_path: Path) -
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"teleguard serve exited:\n{log.read_text('utf-8')[-3000:]}"
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not ready after 180 s:\n{log.read_text('utf-8')[-3000:]}"
-            time.sleep(0.5)
+        wait_ready(url, server, log)
         calls = cli_run.run_dir / "build-data" / "calls" / "test" / "calls.jsonl"
         fraud_file = next(p for p in sorted(TRANSCRIPTS_DIR.glob("fraud_dialogues-*.jsonl")) if "tts_fraud_00079" in p.read_text("utf-8"))  # fmt: skip
         for args, call in (

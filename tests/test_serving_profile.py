@@ -9,11 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -37,6 +35,8 @@ from teleguard.serve.profile import (
 from teleguard.serve.server import ServeConfig, TeleguardDetector
 from teleguard.tiny_models import TinyModel
 from teleguard.train.config import ServingConfig
+
+from .conftest import wait_ready
 
 SYSTEM = "你是测试用的反诈分析员。"  # a system prompt no built-in prompt set has
 TURNS = (
@@ -181,19 +181,6 @@ def test_the_detector_asks_as_the_profile_says_and_explicit_options_win(
     assert verdict["is_fraud"] is True
     policy, profile = apply_profile(changed, DecisionPolicy(alert_threshold=0.5))
     assert profile is not None and policy.alert_threshold == 0.5 and policy.max_transcript_chars == 30
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        assert process.poll() is None, f"teleguard serve exited:\n{log.read_text('utf-8')}"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"not ready after {timeout} s:\n{log.read_text('utf-8')}")
 
 
 def serve_and_stream(model_dir: Path, calls_file: Path, workdir: Path) -> tuple[str, str]:

@@ -56,11 +56,19 @@ def _artifact(run_dir: Path, step: str, name: str) -> Path:
 
 
 def make_demo_command(data: Path) -> list[str]:
-    """The command `make demo DATA=data` runs (its last line under `make -n`), as a list."""
+    """The command `make demo DATA=data` runs (its `teleguard pipeline run` line under `make -n`), as a list.
+
+    Under `make test` (CI) this runs inside make: without the parent's MAKEFLAGS/MAKELEVEL the dry run prints
+    no "Entering directory" lines and starts no jobserver."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    }
     dry = subprocess.run(
-        ["make", "-n", "demo", f"DATA={data}"], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    return shlex.split(dry.stdout.strip().splitlines()[-1])
+        ["make", "--no-print-directory", "-n", "demo", f"DATA={data}"], cwd=REPO, capture_output=True, text=True,
+        check=True, env=env,
+    )  # fmt: skip
+    [line] = [line for line in dry.stdout.splitlines() if " pipeline run --local " in line]
+    return shlex.split(line)
 
 
 @dataclass
@@ -271,8 +279,11 @@ def test_s3_data_registry_and_artifacts(
         monkeypatch.setenv(name, value)
     data = tmp_path / "data"
     data.mkdir()
-    # two of the source files: enough calls for every split, less to ingest
-    for source in sorted(TRANSCRIPTS_DIR.glob("*.jsonl"))[:2]:
+    # two of the source files, a fraud one and the normal one: both labels in every split, less to ingest
+    sources = sorted(TRANSCRIPTS_DIR.glob("fraud_*.jsonl"))[:1] + sorted(
+        TRANSCRIPTS_DIR.glob("normal_*.jsonl")
+    )
+    for source in sources:
         (data / source.name).write_bytes(source.read_bytes())
     put_dir(data, "s3://tg-data/dialogues")
     # every gate threshold wide open, whatever the gate looks at: the untrained model must be registered

@@ -6,7 +6,6 @@ import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,12 +13,10 @@ import pytest
 from teleguard.data.dataset import build_split
 from teleguard.data.ingest import ingest
 from teleguard.tiny_models import TinyModel, build_tiny_model, corpus_from_paths
+from tests.support.paths import TRANSCRIPTS_DIR
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODELSCOPE_OFFLINE")
 
-# The `shared/` folder beside the repository (data, schemas, seeds); absent on a bare checkout.
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-TRANSCRIPTS_DIR = SHARED_DIR / "data" / "teleantifraud-dialogues"
 
 # Enough transcript text for Chinese merges; the full ~100k strings would cost ~15 s of BPE training per model.
 CORPUS_LIMIT = 20_000
@@ -101,21 +98,3 @@ def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
         build_split(part, out / name)
     return out
-
-
-def wait_ready(url: str, process: Any, log: Path, timeout: float = 180.0) -> None:
-    """Wait for a `teleguard serve` subprocess to answer /v2/health/ready with 200 (its log in the failure)."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"teleguard serve exited:\n{log.read_text('utf-8')[-3000:]}"
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"not ready after {timeout:g} s:\n{log.read_text('utf-8')[-3000:]}")

@@ -28,15 +28,13 @@ import yaml
 from teleguard.contract import Mode, Round, format_answer, load_prompts
 from teleguard.pipeline import PIPELINES
 from teleguard.rewards import REWARDS
+from tests.support.fake_kfp import FakeKfpApi
+from tests.support.paths import REPO, TRANSCRIPTS_DIR
 
-from .conftest import TRANSCRIPTS_DIR
-from .fake_kfp import FakeKfpApi
-
-REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent  # where `teleguard` is installed, as on a user's PATH
 HERE = "tests/test_readme_commands.py"
-LOCAL = "tests/test_pipeline_local.py"
+LOCAL = "tests/pipeline/test_pipeline_local.py"
 
 # README command -> (the test that runs it, how it runs it)
 README_COMMANDS: dict[str, tuple[str, str]] = {
@@ -72,29 +70,29 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "teleguard pipeline run --local [--no-serve] [--verbose]": (
         f"{LOCAL}::test_main_command_through_the_cli",
-        "with the serving demo, as a subprocess; --no-serve and --verbose in tests/test_pipeline_progress.py",
+        "with the serving demo, as a subprocess; --no-serve and --verbose in tests/pipeline/test_pipeline_progress.py",
     ),
     "teleguard pipeline submit --host https://<kubeflow>/pipeline --args my-args.yaml [--arg gpu_count=8]": (
         f"{HERE}::test_pipeline_submit",
         "verbatim against a KFP API stand-in on loopback",
     ),
     "teleguard pipeline run --local --pipeline rm-dpo": (
-        "tests/test_seed_recipes.py::test_rm_dpo_recipe",
+        "tests/pipeline/test_seed_recipes.py::test_rm_dpo_recipe",
         "in process (teleguard.pipeline.run_local, what the command calls), CI-sized",
     ),
     "make recipe-teacher-judge": (
-        "tests/test_seed_recipes.py::test_teacher_judge_recipe",
+        "tests/pipeline/test_seed_recipes.py::test_teacher_judge_recipe",
         "in process, CI-sized",
     ),
     "make recipe-classifier-reward": (
-        "tests/test_seed_recipes.py::test_classifier_reward_recipe",
+        "tests/pipeline/test_seed_recipes.py::test_classifier_reward_recipe",
         "in process, CI-sized",
     ),
     "make recipe-distill-cascade": (
-        "tests/test_seed_recipes.py::test_distill_cascade_recipe",
+        "tests/pipeline/test_seed_recipes.py::test_distill_cascade_recipe",
         "in process, CI-sized",
     ),
-    "make recipe-rm-dpo": ("tests/test_seed_recipes.py::test_rm_dpo_recipe", "in process, CI-sized"),
+    "make recipe-rm-dpo": ("tests/pipeline/test_seed_recipes.py::test_rm_dpo_recipe", "in process, CI-sized"),
     "teleguard serve --model runs/registry/teleguard-detector/<version>": (
         f"{LOCAL}::test_serve_and_stream_as_the_readme_shows",
         "the main command's trained model, as a subprocess on a free port",
@@ -113,7 +111,7 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
         "as a subprocess",
     ),
     "teleguard stream call.wav --url http://127.0.0.1:8080": (
-        "tests/test_stream_client.py::test_audio_call_over_websocket_and_http",
+        "tests/serve/test_stream_client.py::test_audio_call_over_websocket_and_http",
         "in process (typer's CliRunner) against a tiny audio model's server",
     ),
     "teleguard rewards list": (f"{HERE}::test_rewards_parse_prompts_and_plugins", "verbatim"),
@@ -137,16 +135,16 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
 NOT_RUN: dict[str, str] = {
     "make test": "the test suite itself (CI runs it)",
     "teleguard train all --config recipes/safe-qaq/qwen2-audio-7b.yaml": (
-        "Qwen2-Audio-7B on GPUs; the same Runner runs the CPU recipe's stages in tests/test_grpo_text.py, "
-        "tests/test_train_stages.py (which runs `teleguard.cli train sft` as a subprocess) and the pipeline tests"
+        "Qwen2-Audio-7B on GPUs; the same Runner runs the CPU recipe's stages in tests/train/test_grpo_text.py, "
+        "tests/train/test_train_stages.py (which runs `teleguard.cli train sft` as a subprocess) and the pipeline tests"
     ),
     "teleguard train grpo -c recipes/safe-qaq/tiny-cpu.yaml --set stages.grpo.max_steps=2": (
         "needs the CPU recipe's warm start (800 SFT steps) first; GRPO through the same Runner: "
-        "tests/test_grpo_text.py, and the pipeline's grpo-stage1 step in the main command's test"
+        "tests/train/test_grpo_text.py, and the pipeline's grpo-stage1 step in the main command's test"
     ),
     "teleguard evaluate -c recipes/safe-qaq/tiny-cpu.yaml": (
         "needs every stage of the CPU recipe trained; the same evaluation runs as the pipeline's evaluate step "
-        "in the main command's test and in tests/test_evaluate.py"
+        "in the main command's test and in tests/evaluate/test_evaluate.py"
     ),
     "make cpu-recipe": "about 15 minutes on 2 cores; its stages run CI-sized through the pipeline's steps",
 }

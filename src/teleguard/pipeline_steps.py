@@ -466,7 +466,7 @@ def evaluate_recipe_step(
     results = evaluate_step(recipe, overrides, datasets, models, out_report)
     sections: list[str] = []
     if classifier is not None:
-        from teleguard.train.classifier import classifier_reward_stats, reward_stats_markdown
+        from teleguard.rewards.classifier import classifier_reward_stats, reward_stats_markdown
 
         stats = {
             name: classifier_reward_stats(

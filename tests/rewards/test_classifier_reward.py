@@ -13,17 +13,18 @@ import pytest
 
 from teleguard.contract import Mode, Round, builtin_prompts, parse_output
 from teleguard.evaluate.metrics import RoundPrediction
-from teleguard.rewards import CORRECT, REWARDS
-from teleguard.tiny_models import build_tiny_model
-from teleguard.train import classifier
-from teleguard.train.classifier import (
+from teleguard.rewards import CORRECT, REWARDS, classifier
+from teleguard.rewards.classifier import (
     CLASSIFIER_MODEL_ENV,
-    DROP_FOR_SEQ_CLS,
     FraudClassifier,
     classifier_reward_stats,
     classifier_rewards,
-    classifier_rows,
     reward_stats_markdown,
+)
+from teleguard.tiny_models import build_tiny_model
+from teleguard.train.classifier import (
+    DROP_FOR_SEQ_CLS,
+    classifier_rows,
     train_classifier_args,
     transcript_of,
     write_classifier_dataset,

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from teleguard import judge as judge_module
-from teleguard.judge import (
+from teleguard.rewards import CORRECT, REWARDS
+from teleguard.rewards.judge import (
     API_KEY_ENV,
     CONFIG_ENV,
     CRITERIA,
     Judge,
     JudgeConfig,
     JudgeItem,
+    JudgementCache,
     RateLimiter,
     local_judge_server,
     mix_rewards,
@@ -32,8 +33,7 @@ from teleguard.judge import (
     score_from_logprobs,
     score_from_text,
 )
-from teleguard.judge_cache import JudgementCache
-from teleguard.rewards import CORRECT, REWARDS
+from teleguard.rewards.judge import reward as judge_reward
 from teleguard.tiny_models import TinyModel
 from tests.support.judge_proxy import CountingProxy
 
@@ -330,9 +330,9 @@ def test_the_reward_through_rewards_mixes_with_the_rule_reward(
         with pytest.raises(ValueError, match="answers"):
             REWARDS["teacher_judge"](completions, conversation_stage=["complete"] * 2)
     finally:
-        if judge_module._judge is not None:
-            judge_module._judge.close()
-            judge_module._judge = None
+        if judge_reward._judge is not None:
+            judge_reward._judge.close()
+            judge_reward._judge = None
 
 
 def test_an_s3_cache_serves_a_rerun(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from teleguard import rewards
 from teleguard.rewards import REWARDS
+from teleguard.rewards import log as reward_log
 
 
 def out(answer: object, think: str = "分析", after: str = "", fence: bool = False) -> str:
@@ -258,7 +259,7 @@ def test_extra_columns_are_ignored() -> None:
 
 
 def test_reward_log_is_off_by_default_and_appends_when_on(tmp_path, monkeypatch) -> None:
-    assert rewards._log is None
+    assert reward_log._log is None
     monkeypatch.setenv("RANK", "3")
     log = rewards.enable_reward_log(tmp_path)
     try:
@@ -273,7 +274,7 @@ def test_reward_log_is_off_by_default_and_appends_when_on(tmp_path, monkeypatch)
         assert row["reward"] == "fraud_classification" and row["value"] == 5.0 and row["answers"] == "fraud"
     finally:
         rewards.enable_reward_log(None)
-    assert rewards._log is None
+    assert reward_log._log is None
 
 
 # ------------------------------------------------------------------------------------------------ properties

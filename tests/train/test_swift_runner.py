@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from teleguard.train.swift import OFFLINE_ENV, SwiftError, flags, latest_run_dir, run_swift, swift_env
+from teleguard.offline import OFFLINE_ENV, swift_env
+from teleguard.train.swift import SwiftError, flags, latest_run_dir, run_swift
 
 
 def test_flags_render_booleans_lists_and_paths() -> None:

@@ -198,7 +198,7 @@ class LocalJudge(_Config):
 
 
 class TeacherJudge(_Config):
-    """The `teacher_judge` reward's LLM judge (teleguard.judge.JudgeConfig fields under `endpoint`)."""
+    """The `teacher_judge` reward's LLM judge (teleguard.rewards.judge.JudgeConfig fields under `endpoint`)."""
 
     endpoint: dict[str, Any] = Field(default_factory=dict)
     serve: LocalJudge | None = None
@@ -209,7 +209,7 @@ class TeacherJudge(_Config):
         return self
 
     def judge_config(self, base_url: str | None = None, cache: str | None = None) -> Any:
-        from teleguard.judge import JudgeConfig
+        from teleguard.rewards.judge import JudgeConfig
 
         fields = {"model": "judge", **self.endpoint}
         if base_url:

@@ -506,13 +506,13 @@ class Runner:
         options.update(s.extra)
         environ: dict[str, str] = {}
         if "fraud_classifier" in s.reward_funcs:
-            from teleguard.train.classifier import CLASSIFIER_ENV
+            from teleguard.rewards.classifier import CLASSIFIER_ENV
 
             environ[CLASSIFIER_ENV] = str(self.side_model("classifier"))
         if s.judge is None:
             return self._train("rlhf", stage, model, folder, options, environ)
         with self._judge(stage, s, model, folder) as judge_config:
-            from teleguard.judge import read_stats
+            from teleguard.rewards.judge import read_stats
 
             environ.update(judge_config.to_env())
             fields = self._train("rlhf", stage, model, folder, options, environ)
@@ -529,7 +529,7 @@ class Runner:
         if serve is None:
             yield s.judge.judge_config(cache=cache)
             return
-        from teleguard.judge import local_judge_server
+        from teleguard.rewards.judge import local_judge_server
 
         judge_model = model if serve.model == "start" else self._fetch(serve.model)
         served = s.judge.endpoint.get("model", "judge")

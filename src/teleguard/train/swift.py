@@ -6,16 +6,13 @@ globally, and a stage must be able to run under torchrun exactly as it does on a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from teleguard.offline import swift_env
 from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
-
-# Nothing may be fetched from a model or data hub at run time.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1"}
 
 # What a CPU-only machine needs (fp32, no worker processes, no hub checks, no external loggers).
 CPU_OPTIONS: dict[str, object] = {
@@ -41,13 +38,6 @@ def flags(options: Mapping[str, object]) -> list[str]:
 
 class SwiftError(RuntimeError):
     """An ms-swift command that failed; carries the tail of its log."""
-
-
-def swift_env(
-    extra: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """`environ` (default: this process's environment) made offline, plus `extra`."""
-    return {**(os.environ if environ is None else environ), **OFFLINE_ENV, **(extra or {})}
 
 
 def plugin_args(audio: bool = False) -> list[str]:

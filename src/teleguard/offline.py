@@ -1,4 +1,4 @@
-"""The offline environment of the ms-swift subprocesses teleguard starts (training stages, a local judge server).
+"""The offline environment of the ms-swift subprocesses teleguard starts (training stages, a local judge).
 
 Here rather than in teleguard.train so that the rewards' local judge server can use it without depending on
 the training code.

@@ -1,7 +1,7 @@
 """The classification rewards: each round's label (scene, is_fraud, fraud type) and the conversation stage.
 
-Every sample is scored with its own stage (SAFE-QAQ's adaptive reward used to hand the whole batch's stages to a
-subset), and `adaptive_classification` scores each sample by the round its gold answer belongs to.
+Every sample is scored with its own stage (SAFE-QAQ's adaptive reward used to hand the whole batch's stages to
+a subset), and `adaptive_classification` scores each sample by the round its gold answer belongs to.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class FraudClassifier:
 
     Loads with AutoModelForSequenceClassification and the folder's tokenizer, in eval mode, on `device` (default:
     TELEGUARD_CLASSIFIER_DEVICE, else this rank's GPU when there is one, else the CPU). The text is tokenized
-    bare, as `train_classifier_args` trains it, and truncated to `max_length` tokens from the left (default: the
-    max_length in the folder's ms-swift args.json, else 1024).
+    bare, as `teleguard.train.classifier` trains it, and truncated to `max_length` tokens from the left
+    (default: the max_length in the folder's ms-swift args.json, else 1024).
     """
 
     def __init__(

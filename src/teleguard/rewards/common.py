@@ -1,7 +1,7 @@
 """What the rewards share: the function type, the rule rewards' scale, and the dataset-column check.
 
-Dataset columns arrive as lists aligned with `completions` (ms-swift and TRL pass every extra dataset column that
-way); `column` hands one over, or raises an error that names it when it is missing or has the wrong length.
+Dataset columns arrive as lists aligned with `completions` (ms-swift and TRL pass every extra dataset column
+that way); `column` hands one over, or raises an error that names it when it is missing or has the wrong length.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The reward log: per-sample reward details, append-only JSON lines, written only when asked for.
 
-On with `enable_reward_log(dir)` or the TELEGUARD_REWARD_LOG_DIR variable (read when teleguard.rewards is first
-imported, so an ms-swift trainer subprocess logs when its parent sets it). Every reward calls `record`.
+On with `enable_reward_log(dir)` or the TELEGUARD_REWARD_LOG_DIR variable (read when teleguard.rewards is
+first imported, so an ms-swift trainer subprocess logs when its parent sets it). Every reward calls `record`.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Layout under the cache URI (a folder path, ``file://``, ``s3://`` or ``minio://``):
 
 - ``judgements/<k[:2]>/<k>.json``: one small JSON object per judgement, named by its content hash ``k``
-  (see `teleguard.rewards.judge.Judge.key`). Judgements are immutable, so concurrent writers (several ranks, several
-  runs) never conflict: two writers of one key write the same content, and a local write is atomic
+  (see `teleguard.rewards.judge.Judge.key`). Judgements are immutable, so concurrent writers (several ranks,
+  several runs) never conflict: two writers of one key write the same content, and a local write is atomic
   (temp file + rename), an S3 write one PUT.
 - ``stats/judge-stats-rank<R>-pid<P>.json``: each process's cumulative counters, rewritten after every batch.
   `read_stats` sums them, so a run's report can say how many samples got the fallback reward.

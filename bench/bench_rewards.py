@@ -22,10 +22,10 @@ from pathlib import Path
 
 from teleguard import rewards
 from teleguard.contract import FRAUD_TYPE_NAMES, SCENE_NAMES, STAGES
-from teleguard.rewards import REWARDS
+from teleguard.rewards import REWARDS, RULE_REWARDS
 
 BATCH = 27
-NAMES = [n for n in REWARDS if n != "new_adaptive_classification"]
+NAMES = list(RULE_REWARDS)  # the model-backed rewards need a judge or classifier: timed by their own tests
 PHRASES = [
     "对方自称是银行客服，",
     "声称我的账户存在异常交易，",

@@ -79,9 +79,6 @@ def _read_scored_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, errors
 
 
-MODEL_REWARDS = ("teacher_judge", "fraud_classifier")
-
-
 @rewards_app.command("score")
 def rewards_score(
     file: Annotated[
@@ -94,10 +91,9 @@ def rewards_score(
     out: Annotated[Path | None, typer.Option(help="write each row with its reward values here")] = None,
 ) -> None:
     """Score model outputs with the rewards. Bad rows are reported with file and line and left out."""
-    from teleguard.rewards import REWARDS
+    from teleguard.rewards import REWARDS, RULE_REWARDS
 
-    # teacher_judge and fraud_classifier need a judge endpoint or a classifier model configured: asked for by name
-    names = reward or [n for n in REWARDS if n not in ("new_adaptive_classification", *MODEL_REWARDS)]
+    names = reward or list(RULE_REWARDS)
     unknown = [n for n in names if n not in REWARDS]
     if unknown:
         _fail(f"unknown reward(s) {', '.join(unknown)}; known: {', '.join(REWARDS)}")

@@ -44,7 +44,9 @@ __all__ = [
     "CORRECT",
     "INVALID",
     "LOG_DIR_ENV",
+    "MODEL_REWARDS",
     "REWARDS",
+    "RULE_REWARDS",
     "TRAILING_CHAR_COST",
     "WRONG",
     "RewardFn",
@@ -103,3 +105,7 @@ REWARDS: dict[str, RewardFn] = {
     # P(gold verdict | reasoning) x 5.0 on is_fraud rows, from TELEGUARD_CLASSIFIER_MODEL
     "fraud_classifier": _lazy_reward("fraud_classifier", "teleguard.rewards.classifier"),
 }
+# Backed by a model that must be configured (a judge endpoint, a classifier folder): used only when named.
+MODEL_REWARDS = ("teacher_judge", "fraud_classifier")
+# The rule rewards, each once (new_adaptive_classification is another name of adaptive_classification).
+RULE_REWARDS = tuple(n for n in REWARDS if n not in (*MODEL_REWARDS, "new_adaptive_classification"))

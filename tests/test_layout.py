@@ -161,7 +161,9 @@ def test_no_import_cycles() -> None:
     assert not unexpected, "import cycles:\n" + "\n".join(_show(c) for c in unexpected)
 
 
-@pytest.mark.xfail(reason="other branches of issue 13 remove these; delete with KNOWN_FOREIGN_CYCLES", strict=True)
+@pytest.mark.xfail(
+    reason="other branches of issue 13 remove these; delete with KNOWN_FOREIGN_CYCLES", strict=True
+)
 def test_no_known_foreign_cycles_left() -> None:
     found = cycles(import_graph())
     assert not [c for c in found if c in KNOWN_FOREIGN_CYCLES]

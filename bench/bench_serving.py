@@ -32,11 +32,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from teleguard.data.records import CallLabels, CallRecord, Turn
+from teleguard.engines.contract import EngineConfig, EngineRequest
+from teleguard.engines.swift import SwiftServingEngine
 from teleguard.serve.client import CallScript, PlannedChunk, percentile, replay_call, transcript_script
 from teleguard.serve.detector import DetectorConfig
-from teleguard.serve.engine import EngineConfig, SwiftServingEngine
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.server import ServeConfig, build_server
 from teleguard.tiny_models import build_tiny_model, corpus_from_paths
 

@@ -36,6 +36,8 @@ from minio.error import MinioException, S3Error
 
 __all__ = [
     "MANIFEST_NAME",
+    "MODEL_FILES",
+    "MODEL_MOUNT_DIRS",
     "ChecksumError",
     "FileEntry",
     "FileProblem",
@@ -43,6 +45,7 @@ __all__ = [
     "LocalStorage",
     "Location",
     "Manifest",
+    "ModelLocationError",
     "S3Config",
     "S3Location",
     "S3Storage",
@@ -57,6 +60,7 @@ __all__ = [
     "parse_uri",
     "put_dir",
     "read_bytes",
+    "resolve_model",
     "verify",
     "write_bytes",
 ]
@@ -933,3 +937,44 @@ def verify(uri: str | os.PathLike[str]) -> Manifest:
 
 def local_copy(uri: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Storage.from_uri(uri).local_copy(cache_dir=cache_dir)
+
+
+# --- model folders for serving -------------------------------------------------------------------------------
+
+# KServe's storage-initializer folder (kserve.model_repository.MODEL_MOUNT_DIRS, a test checks they agree):
+# a constant here, so that finding a model does not import KServe.
+MODEL_MOUNT_DIRS = "/mnt/models"
+MODEL_FILES = ("config.json",)
+
+
+class ModelLocationError(ValueError):
+    pass
+
+
+def _model_folder(root: Path) -> Path:
+    """The folder holding the model files: `root`, or its single subfolder that does (storage-initializer)."""
+    if any((root / name).is_file() for name in MODEL_FILES):
+        return root
+    children = [d for d in root.iterdir() if d.is_dir() and any((d / n).is_file() for n in MODEL_FILES)]
+    if len(children) == 1:
+        return children[0]
+    raise ModelLocationError(
+        f"{root} holds no model: expected {', '.join(MODEL_FILES)} in it or in exactly one subfolder"
+    )
+
+
+def resolve_model(model: str | None, *, mount: str = MODEL_MOUNT_DIRS) -> Path:
+    """A local model folder from a local path, an s3:// / minio:// URI (copied once, cached), or /mnt/models."""
+    if model is None:
+        root = Path(mount)
+        if not root.is_dir():
+            raise ModelLocationError(
+                f"no --model given and {mount} (KServe's storage-initializer folder) does not exist"
+            )
+        return _model_folder(root)
+    if model.startswith(("s3://", "minio://")):
+        return _model_folder(local_copy(model))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLocationError(f"model folder {path} does not exist")
+    return _model_folder(path)

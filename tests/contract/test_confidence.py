@@ -36,11 +36,13 @@ from teleguard.contract.confidence import (
     token_logprobs,
 )
 from teleguard.engines import Prompt, SamplingParams
-from teleguard.serve.cascade import CascadeEngine, escalation_reason
+from teleguard.engines.cascade import CascadeEngine, escalation_reason
+from teleguard.engines.contract import EngineConfig, EngineRequest, Generation
+from teleguard.engines.remote import RemoteEngine
+from teleguard.engines.swift import SwiftServingEngine
 from teleguard.serve.detector import Detector
-from teleguard.serve.engine import EngineConfig, RemoteEngine, SwiftServingEngine
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import Decision
 from teleguard.tiny_models import build_tiny_model
 from tests.support.loopback_api import LoopbackApi
@@ -426,7 +428,7 @@ def test_confidence_equals_the_probability_from_the_models_logits(taught: Taught
         assert generation.text.endswith(taught.answers[request.round])  # the model learned its answer
         assert generation.text != taught.answers[request.round]  # ms-swift's prefix: text the tokens lack
         # the same request again, with the prompt's and the answer's token ids
-        [response] = engine.engine.infer(
+        [response] = engine.swift.infer(
             [InferRequest(messages=request.messages)],
             RequestConfig(max_tokens=request.max_tokens, temperature=0.0, return_details=True),
             use_tqdm=False,

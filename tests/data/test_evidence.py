@@ -19,7 +19,8 @@ from teleguard.data.ingest import ingest
 from teleguard.data.records import CallLabels, CallRecord, Turn
 from teleguard.data.rounds import RowBuilder, round_truths, sample_of_call
 from teleguard.data.timing import estimate_times
-from teleguard.serve.policy import DecisionPolicy, EngineRequest
+from teleguard.engines.contract import EngineRequest
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import Chunk, Segment
 from teleguard.serve.session import CallSession
 from tests.support.paths import REPO, TRANSCRIPTS_DIR

@@ -20,6 +20,8 @@ import pytest
 from teleguard.contract import Round, Stage, format_answer
 from teleguard.data.records import CallLabels, CallRecord, Turn
 from teleguard.data.timing import estimate_times
+from teleguard.engines.contract import EngineRequest, Generation
+from teleguard.engines.wrappers import MicroBatcher
 from teleguard.evaluate.live import (
     FIGURES,
     CallResult,
@@ -36,8 +38,7 @@ from teleguard.evaluate.live import (
     write_live_report,
     write_results,
 )
-from teleguard.serve.engine import MicroBatcher
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.tiny_models import TinyModel
 from tests.support.paths import TRANSCRIPTS_DIR
 
@@ -230,8 +231,8 @@ def test_an_alert_whose_fraud_type_round_failed_is_kept() -> None:
 
 
 def test_replay_through_the_serving_engine_on_a_tiny_model(tiny_text_model: TinyModel) -> None:
+    from teleguard.engines.contract import EngineConfig
     from teleguard.evaluate.live import replay_model
-    from teleguard.serve.engine import EngineConfig
 
     config = EngineConfig(
         kind="transformers", model=str(tiny_text_model.path), device="cpu", max_tokens=8, batch_wait_ms=20

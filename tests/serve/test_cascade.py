@@ -28,6 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from teleguard.contract import Round, format_answer
 from teleguard.contract.confidence import label_probability, label_span
+from teleguard.engines.cascade import CascadeEngine, CascadeGeneration, answer_confidence, escalation_reason
+from teleguard.engines.contract import CascadeConfig, EngineConfig, EngineRequest, Generation
+from teleguard.engines.factory import build_engine
+from teleguard.engines.swift import SwiftServingEngine
 from teleguard.evaluate.cascade import (
     cascade_markdown,
     evaluate_cascade,
@@ -35,16 +39,9 @@ from teleguard.evaluate.cascade import (
     write_cascade_report,
 )
 from teleguard.evaluate.metrics import RoundPrediction
-from teleguard.serve.cascade import (
-    CascadeEngine,
-    CascadeGeneration,
-    answer_confidence,
-    escalation_reason,
-)
 from teleguard.serve.detector import Detector, DetectorConfig
-from teleguard.serve.engine import CascadeConfig, EngineConfig, SwiftServingEngine, build_engine
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.tiny_models import build_tiny_model
 from tests.support.detector import running
 from tests.support.tiny_training import teach_answers
@@ -310,7 +307,7 @@ def test_a_failed_escalation_falls_back_to_the_small_answer(large: Scripted, kin
 
 
 def test_a_failing_small_engine_fails_the_invocation() -> None:
-    from teleguard.serve.engine import EngineError
+    from teleguard.engines.contract import EngineError
 
     cascade = CascadeEngine(Scripted({}, fail=True), Scripted(SMALL_TEXTS), threshold=0.7)
     with pytest.raises(RuntimeError, match="down"):

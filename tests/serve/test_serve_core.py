@@ -26,8 +26,9 @@ from teleguard.data.audio_clips import ClipWriter
 from teleguard.data.prefixes import PrefixPolicy, cut_prefixes
 from teleguard.data.records import CallLabels, CallRecord, Turn
 from teleguard.data.rounds import RowBuilder, Sample
+from teleguard.engines.contract import EngineError, EngineRequest, Generation
 from teleguard.serve.chunks import ChunkLimits, DecodedChunk, decode_chunk, parse_chunk
-from teleguard.serve.policy import DecisionPolicy, EngineError, EngineRequest, Generation
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import (
     REASON_STATUS,
     Chunk,

@@ -30,11 +30,14 @@ from prometheus_client import CollectorRegistry
 
 from teleguard.contract import Round
 from teleguard.data.records import CallLabels, CallRecord, Turn
+from teleguard.engines.contract import EngineConfig, EngineRequest, Generation
+from teleguard.engines.remote import RemoteEngine, openai_messages
+from teleguard.engines.wrappers import MicroBatcher
 from teleguard.serve.detector import DetectorConfig
-from teleguard.serve.engine import EngineConfig, MicroBatcher, RemoteEngine, openai_messages
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
-from teleguard.serve.server import DetectorServer, ServeConfig, build_server, resolve_model
+from teleguard.serve.policy import DecisionPolicy
+from teleguard.serve.server import DetectorServer, ServeConfig, build_server
+from teleguard.storage import resolve_model
 from teleguard.tiny_models import TinyModel
 from tests.support.detector import (
     FRAUD_TYPE,
@@ -470,7 +473,7 @@ def test_remote_engine_speaks_openai_chat_completions_with_audio_parts() -> None
         64,
     )
     try:
-        from teleguard.serve.engine import EngineTimeout
+        from teleguard.engines.contract import EngineTimeout
 
         async def main() -> None:
             engine = RemoteEngine(

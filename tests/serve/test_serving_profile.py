@@ -19,9 +19,11 @@ from prometheus_client import CollectorRegistry
 from teleguard.contract import Round, format_answer, load_prompts
 from teleguard.data.dataset import write_calls
 from teleguard.data.records import CallLabels, CallRecord, Turn
+from teleguard.engines.contract import EngineRequest, Generation
 from teleguard.loopback import free_port
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
+from teleguard.serve.model import TeleguardDetector
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.profile import (
     PROFILE_FILE,
     PROMPTS_FILE,
@@ -32,7 +34,7 @@ from teleguard.serve.profile import (
     read_profile,
     write_profile,
 )
-from teleguard.serve.server import ServeConfig, TeleguardDetector
+from teleguard.serve.server import ServeConfig
 from teleguard.tiny_models import TinyModel
 from teleguard.train.config import ServingConfig
 from tests.support.processes import wait_ready

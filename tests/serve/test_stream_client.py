@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from teleguard.cli import app
 from teleguard.data.records import CallLabels, CallRecord, Turn
+from teleguard.engines.contract import EngineConfig
 from teleguard.serve.client import (
     CallSourceError,
     StreamError,
@@ -29,7 +30,6 @@ from teleguard.serve.client import (
     transcript_script,
 )
 from teleguard.serve.detector import DetectorConfig
-from teleguard.serve.engine import EngineConfig
 from teleguard.serve.metrics import DetectorMetrics
 from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.server import DetectorServer, ServeConfig, build_server

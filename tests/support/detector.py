@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry
 from websockets.sync.client import connect
 
 from teleguard.contract import Round, format_answer
+from teleguard.engines.contract import EngineConfig, EngineRequest, Generation
 from teleguard.serve.detector import DetectorConfig
-from teleguard.serve.engine import EngineConfig
 from teleguard.serve.metrics import DetectorMetrics
-from teleguard.serve.policy import DecisionPolicy, EngineRequest, Generation
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.server import DetectorServer, ServeConfig, build_server
 from teleguard.tiny_models import TinyModel
 

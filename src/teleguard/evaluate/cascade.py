@@ -1,8 +1,8 @@
 """Offline evaluation of a confidence cascade: what a small model with a large fallback would have scored.
 
 Given the outputs of a small and a large model for the same rows (prompts), `evaluate_cascade` replays the
-serving cascade (`teleguard.serve.cascade`) row by row with the same escalation rule
-(`teleguard.serve.cascade.escalation_reason`: no answer JSON, no confidence, or a confidence below the
+serving cascade (`teleguard.engines.cascade`) row by row with the same escalation rule
+(`teleguard.engines.cascade.escalation_reason`: no answer JSON, no confidence, or a confidence below the
 threshold) on the same confidence: the small model's token probability of its label when it was measured
 (`RoundPrediction.confidence`, as `teleguard.evaluate.run.predict` records it from the engine's
 log-probabilities), else the number its output states, in [0, 1]
@@ -23,6 +23,7 @@ from typing import Any
 from teleguard.contract.confidence import ConfidenceSource
 from teleguard.contract.labels import Round
 from teleguard.contract.parser import parse_output
+from teleguard.engines.cascade import EscalationReason, escalation_reason
 from teleguard.evaluate.metrics import (
     TASK_KEYS,
     RoundPrediction,
@@ -31,8 +32,6 @@ from teleguard.evaluate.metrics import (
     predicted_label,
     prediction_confidence,
 )
-from teleguard.serve.cascade import escalation_reason
-from teleguard.serve.metrics import EscalationReason
 
 MODELS = ("small", "large", "cascade")
 _MAX_MD_ROWS = 100  # escalated rows listed in cascade.md (cascade.json lists all)

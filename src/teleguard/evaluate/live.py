@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from teleguard.contract.labels import FRAUD, NORMAL, Round
 from teleguard.data.records import CallLabels, CallRecord
+from teleguard.engines.contract import EngineConfig, Generate
 from teleguard.evaluate.metrics import UNKNOWN, classification_metrics
 from teleguard.evaluate.report import _Block, _Heading, _html, _markdown, _num, _Paragraph, _Table
 from teleguard.serve.client import (
@@ -47,8 +48,7 @@ from teleguard.serve.client import (
     transcript_script,
 )
 from teleguard.serve.detector import Detector, DetectorConfig, Unavailable
-from teleguard.serve.engine import EngineConfig
-from teleguard.serve.policy import DecisionPolicy, Generate
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import Decision, RequestError
 
 DEFAULT_CONCURRENCY = 16
@@ -338,8 +338,8 @@ def replay_calls(
 ) -> list[CallResult]:
     """Replay each call through the real detector with `generate` as its engine; one result per call, in order.
 
-    `generate` is any `teleguard.serve.policy.Generate` (for a model: `teleguard.serve.engine.build_engine`;
-    it is not closed here). Each call is opened with its script's modality (`call_script`) and streamed as fast
+    `generate` is any `teleguard.engines.contract.Generate` (for a model:
+    `teleguard.engines.factory.build_engine`; it is not closed here). Each call is opened with its script's modality (`call_script`) and streamed as fast
     as the detector answers, at most `concurrency` calls at a time. `detector_config` sets the detector's
     limits (its session limits bound the transcript the model sees). `language` overrides the policy's prompt
     language per call. An engine failure on a chunk is counted (`engine_errors`) and the call goes on, as a
@@ -367,9 +367,10 @@ def replay_model(
     detector_config: DetectorConfig | None = None,
     language: Literal["zh", "en"] | None = None,
 ) -> list[CallResult]:
-    """`replay_calls` with the serving engine `engine_config` names (`teleguard.serve.engine.build_engine`, as
+    """`replay_calls` with the serving engine `engine_config` names (`teleguard.engines.factory.build_engine`, as
     `teleguard serve` builds it: transformers with its micro-batcher, vLLM, remote), closed afterwards."""
-    from teleguard.serve.engine import build_engine, close_engine
+    from teleguard.engines.factory import build_engine
+    from teleguard.engines.wrappers import close_engine
 
     engine = build_engine(engine_config)  # loads the model: before the event loop, as the server does
 

@@ -35,18 +35,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from teleguard.contract import Round
-from teleguard.serve.chunks import ChunkLimits, decode_chunk, parse_chunk
-from teleguard.serve.engine import EngineFailure, EngineTimeout, close_engine, error_kind
-from teleguard.serve.metrics import DetectorMetrics, default_metrics
-from teleguard.serve.metrics import Verdict as VerdictKind
-from teleguard.serve.policy import (
-    DecisionPolicy,
+from teleguard.engines.contract import (
     EngineError,
+    EngineFailure,
     EngineRequest,
+    EngineTimeout,
     Generate,
     Generation,
     as_generations,
+    error_kind,
 )
+from teleguard.engines.wrappers import close_engine
+from teleguard.serve.chunks import ChunkLimits, decode_chunk, parse_chunk
+from teleguard.serve.metrics import DetectorMetrics, default_metrics
+from teleguard.serve.metrics import Verdict as VerdictKind
+from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import (
     SAMPLE_RATE,
     Chunk,
@@ -180,6 +183,9 @@ class Detector:
         self.policy = policy or DecisionPolicy()
         self.config = config or DetectorConfig()
         self.metrics = metrics or default_metrics()
+        # an engine that counts (a cascade) counts where the detector does
+        if (bind_metrics := getattr(engine, "bind_metrics", None)) is not None:
+            bind_metrics(self.metrics)
         self.registry = CallRegistry(
             max_calls=self.config.max_calls,
             ttl_seconds=self.config.ttl_seconds,

@@ -18,7 +18,7 @@ Conventions the server must follow for the rules to mean what they say:
   so that engine errors / model calls is an error ratio.
 - `call_opened` once per call and `call_closed` exactly once per opened call (expired calls too, with
   `expired=True`), so that the active-calls gauge returns to zero and every call gets one verdict.
-- a confidence cascade (`teleguard.serve.cascade`) counts per request (one round's answer), not per engine
+- a confidence cascade (`teleguard.engines.cascade`) counts per request (one round's answer), not per engine
   invocation: `cascade_decision` once for every request it answers (by the engine whose answer was used),
   `cascade_escalation` once for every request it sent to the large engine (by why), and
   `cascade_escalation_failure` once for every escalated request whose large answer failed or timed out (the
@@ -42,6 +42,7 @@ from teleguard.contract.labels import (
     normalize_fraud_type,
     normalize_scene,
 )
+from teleguard.engines.cascade import AnsweredBy, EscalationReason  # the cascade's label values
 
 PREFIX = "teleguard_"
 
@@ -113,21 +114,6 @@ class EngineErrorKind(StrEnum):
 
 
 _ENGINE_ERROR_KINDS = frozenset(kind.value for kind in EngineErrorKind)
-
-
-class EscalationReason(StrEnum):
-    """Why a cascade sent a request to its large engine."""
-
-    LOW_CONFIDENCE = "low_confidence"  # the small answer's confidence is below the threshold
-    NO_CONFIDENCE = "no_confidence"  # the answer JSON has no confidence in [0, 1]
-    UNPARSABLE = "unparsable"  # no answer JSON object at all (no <answer>, truncated, broken JSON)
-
-
-class AnsweredBy(StrEnum):
-    """Which engine of a cascade gave the answer a decision was made on."""
-
-    SMALL = "small"
-    LARGE = "large"
 
 
 REJECT_REASONS: tuple[str, ...] = (

@@ -17,73 +17,29 @@ real-time prompts through `teleguard.data.rounds.RowBuilder`, same system messag
 
 Every answer is read with the contract's `parse_output`. Each request sent counts against `max_model_calls`
 (counted when sent: the budget bounds cost, failed engine calls included). Engines plug in as an async
-`generate(requests) -> answers` function; everything else here is synchronous.
+`generate(requests) -> answers` function (`teleguard.engines.contract.Generate`); everything else here is
+synchronous.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from teleguard.contract import STAGES, Mode, PromptSet, Round, Stage, load_prompts, parse_output
-from teleguard.contract.confidence import TokenLogprob, read_confidence
+from teleguard.contract.confidence import read_confidence
 from teleguard.contract.parser import ANSWER_END
 from teleguard.data.rounds import RowBuilder
+from teleguard.engines.contract import EngineRequest, Generate, Generation, as_generations
 from teleguard.serve.protocol import Chunk, Decision, RequestError, Verdict
 from teleguard.serve.session import CallSession
 
 Modality = Literal["audio", "text"]
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """One chat prompt for the engine. `audios` are the clips its `<audio>` tags stand for, in order:
-    float32 arrays of shape (samples, 2) at 16 kHz."""
-
-    call_id: str
-    round: Round
-    messages: list[dict[str, str]]
-    audios: tuple[np.ndarray, ...] = ()
-    max_tokens: int = 1024
-
-
-@dataclass(frozen=True)
-class Generation:
-    """An engine's answer with the number of tokens it generated (engines that know it return this) and the
-    generated tokens' (text, logprob) pairs in order, from which the policy reads the answer's confidence
-    (`teleguard.contract.confidence`); None: the engine reported no log-probabilities."""
-
-    text: str
-    tokens: int | None = None
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-Generate = Callable[[Sequence[EngineRequest]], Awaitable[Sequence[str | Generation]]]
-
-
-class EngineError(RuntimeError):
-    """The engine answered something other than one text per request."""
-
-
-def as_generations(answers: Sequence[Any], expected: int) -> list[Generation]:
-    """An engine's answers as Generations, one per request; EngineError when the count or a type is wrong."""
-    if len(answers) != expected:
-        raise EngineError(f"the engine returned {len(answers)} answers for {expected} requests")
-    out = []
-    for answer in answers:
-        if isinstance(answer, str):
-            out.append(Generation(answer))
-        elif isinstance(answer, Generation):
-            out.append(answer)
-        else:
-            raise EngineError(f"the engine returned a {type(answer).__name__}, not str or Generation")
-    return out
 
 
 @dataclass(frozen=True)

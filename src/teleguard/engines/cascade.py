@@ -1,7 +1,7 @@
 """A confidence cascade: a small engine answers every request first; its unsure answers go to a larger engine.
 
 `CascadeEngine` is an engine like the others (an async `generate(requests) -> answers`, `aclose`), built by
-`build_engine` when `EngineConfig.cascade` is set. Per engine invocation:
+`teleguard.engines.factory.build_engine` when `EngineConfig.cascade` is set. Per engine invocation:
 
 1. every request goes to the small engine (the `EngineConfig` around the cascade);
 2. each small answer is read with the contract's one parser (`parse_output`, for the request's round), and
@@ -29,7 +29,7 @@ which must cover small and large: the config requires `large.timeout_s < timeout
 
 Answers are `CascadeGeneration`s, a `Generation` subclass, so every consumer of a `Generation` keeps working;
 their `tokens` are the tokens both engines generated for the request (the cost of the answer). Counted in
-`DetectorMetrics` per request: `teleguard_cascade_decisions_total{answered_by}`,
+the bound metrics (the detector's `DetectorMetrics`) per request: `teleguard_cascade_decisions_total{answered_by}`,
 `teleguard_cascade_escalations_total{reason}` and `teleguard_cascade_escalation_failures_total{kind}`.
 """
 
@@ -39,20 +39,20 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Protocol
 
 from teleguard.contract import Round, parse_output
 from teleguard.contract.confidence import TokenLogprob, read_confidence
-from teleguard.serve.engine import (
+from teleguard.engines.contract import (
     CascadeConfig,
-    EngineConfig,
-    build_engine,
-    close_engine,
+    EngineRequest,
+    Generate,
+    Generation,
+    as_generations,
     error_kind,
-    with_timeout,
 )
-from teleguard.serve.metrics import AnsweredBy, DetectorMetrics, EscalationReason, default_metrics
-from teleguard.serve.policy import EngineRequest, Generate, Generation, as_generations
+from teleguard.engines.wrappers import close_engine, with_timeout
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,52 @@ __all__ = [
     "CascadeConfig",
     "CascadeEngine",
     "CascadeGeneration",
+    "CascadeMetrics",
     "EscalationReason",
-    "build_cascade",
     "escalation_reason",
 ]
+
+
+class EscalationReason(StrEnum):
+    """Why a cascade sent a request to its large engine."""
+
+    LOW_CONFIDENCE = "low_confidence"  # the small answer's confidence is below the threshold
+    NO_CONFIDENCE = "no_confidence"  # the answer JSON has no confidence in [0, 1]
+    UNPARSABLE = "unparsable"  # no answer JSON object at all (no <answer>, truncated, broken JSON)
+
+
+class AnsweredBy(StrEnum):
+    """Which engine of a cascade gave the answer a decision was made on."""
+
+    SMALL = "small"
+    LARGE = "large"
+
+
+class CascadeMetrics(Protocol):
+    """Where a cascade counts (`teleguard.serve.metrics.DetectorMetrics` in the server): the engines do not
+    depend on the serving metrics; the detector binds its own."""
+
+    def cascade_decision(self, answered_by: AnsweredBy | str) -> None: ...
+
+    def cascade_escalation(self, reason: EscalationReason | str) -> None: ...
+
+    def cascade_escalation_failure(self, kind: str) -> None: ...
+
+
+class _Uncounted:
+    """A cascade's counts before any metrics are bound (an engine used outside a detector)."""
+
+    def cascade_decision(self, answered_by: AnsweredBy | str) -> None:
+        pass
+
+    def cascade_escalation(self, reason: EscalationReason | str) -> None:
+        pass
+
+    def cascade_escalation_failure(self, kind: str) -> None:
+        pass
+
+
+_UNCOUNTED = _Uncounted()
 
 
 def answer_confidence(
@@ -135,7 +177,7 @@ class CascadeEngine:
         *,
         threshold: float,
         large_timeout_s: float | None = None,
-        metrics: DetectorMetrics | None = None,
+        metrics: CascadeMetrics | None = None,
     ) -> None:
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -145,11 +187,11 @@ class CascadeEngine:
         self._metrics = metrics
 
     @property
-    def metrics(self) -> DetectorMetrics:
-        """Where the cascade counts: the bound metrics, else the process-wide default ones."""
-        return self._metrics if self._metrics is not None else default_metrics()
+    def metrics(self) -> CascadeMetrics:
+        """Where the cascade counts: the bound metrics (a detector binds its own), else nowhere."""
+        return self._metrics if self._metrics is not None else _UNCOUNTED
 
-    def bind_metrics(self, metrics: DetectorMetrics) -> None:
+    def bind_metrics(self, metrics: CascadeMetrics) -> None:
         """Count in `metrics` from now on (the detector's, when it was built with its own registry)."""
         self._metrics = metrics
 
@@ -226,32 +268,3 @@ class CascadeEngine:
             await close_engine(self.small)
         finally:
             await close_engine(self.large)
-
-
-def _large_config(config: EngineConfig) -> EngineConfig:
-    """The large engine's configuration with an s3:// or minio:// model copied to a local folder."""
-    if config.kind != "remote" and config.model and config.model.startswith(("s3://", "minio://")):
-        from teleguard.serve.server import resolve_model
-
-        return config.model_copy(update={"model": str(resolve_model(config.model))})
-    return config
-
-
-def build_cascade(config: EngineConfig, *, metrics: DetectorMetrics | None = None) -> CascadeEngine:
-    """The cascade `config.cascade` describes around the engine `config` names (loads both models)."""
-    cascade: CascadeConfig | None = config.cascade
-    if cascade is None:
-        raise ValueError("build_cascade needs an EngineConfig with 'cascade' set")
-    large_config = _large_config(cascade.large)
-    small: Any = build_engine(config.model_copy(update={"cascade": None}))
-    large: Any = build_engine(large_config)
-    log.info(
-        "confidence cascade: %s engine first, %s engine (%s) below confidence %.2f",
-        config.kind,
-        large_config.kind,
-        large_config.url or large_config.model,
-        cascade.threshold,
-    )
-    return CascadeEngine(
-        small, large, threshold=cascade.threshold, large_timeout_s=large_config.timeout_s, metrics=metrics
-    )

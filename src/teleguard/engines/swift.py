@@ -1,0 +1,273 @@
+"""ms-swift's inference engines (`TransformersEngine` on CPU or GPU, `VllmEngine` on GPU) for sampling,
+evaluation and serving, so generation applies the same chat template as training, audio included (the
+Qwen2-Audio plugin is imported first for audio models). ms-swift (and vLLM) are imported only when an engine
+of that kind is built.
+
+`SwiftEngine` is the synchronous engine of sampling and evaluation: `generate` answers texts,
+`generate_completions` also returns the generated tokens' log-probabilities, from which
+`Completion.confidence` reads the model's probability of the label an answer gives, by the same definition the
+detector uses (`teleguard.contract.confidence`). `infer` / `infer_async` hand out ms-swift's own responses.
+
+`SwiftServingEngine` is a `SwiftEngine` as the detector's async `generate(requests)`:
+
+- ``transformers``: inference blocks, so it runs on one worker thread; a `MicroBatcher` collects the requests
+  of concurrent calls for up to `batch_wait_ms` (or `max_batch_size` requests) and runs them as one batched
+  engine call: continuous batching as far as a transformers engine can.
+- ``vllm`` (GPU): vLLM's async engine; each request is handed to vLLM at once and vLLM batches them
+  continuously across calls, with prefix caching on (every call's rounds share the system prompt and the
+  call's transcript or audio).
+
+Clips (`EngineRequest.audios`) are handed to ms-swift as in-memory WAV bytes (`teleguard.engines.audio`).
+Every answer carries the generated tokens' log-probabilities when `EngineConfig.logprobs` is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from teleguard.contract.confidence import token_logprobs
+from teleguard.engines.audio import wav_bytes
+from teleguard.engines.contract import (
+    Completion,
+    EngineConfig,
+    EngineFailure,
+    EngineKind,
+    EngineRequest,
+    Generation,
+    Prompt,
+    SamplingParams,
+)
+from teleguard.engines.wrappers import MicroBatcher
+
+# --- sampling and evaluation ---------------------------------------------------------------------------------
+
+
+class SwiftEngine:
+    """An ms-swift inference engine over a model folder (and optionally LoRA adapters)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        kind: EngineKind = "transformers",  # transformers or vllm
+        model_type: str | None = None,
+        template: str | None = None,
+        adapters: Sequence[str] = (),
+        media_root: str | Path | None = None,
+        max_batch_size: int = 16,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        if media_root is not None:
+            # ms-swift resolves relative audio paths in rows against ROOT_IMAGE_DIR.
+            os.environ["ROOT_IMAGE_DIR"] = str(media_root)
+        if model_type == "qwen2_audio":
+            import teleguard.plugins.swift_qwen2_audio  # noqa: F401  (registers the transformers-5 fixes)
+        options = dict(engine_options or {})
+        if kind == "transformers":
+            from swift.infer_engine import TransformersEngine
+
+            self._engine = TransformersEngine(
+                str(model),
+                model_type=model_type,
+                template_type=template,
+                adapters=list(adapters) or None,
+                max_batch_size=max_batch_size,
+                **options,
+            )
+        elif kind == "vllm":
+            from swift.infer_engine import VllmEngine
+
+            if len(adapters) > 1:  # ms-swift's vLLM engine serves one LoRA adapter (its default request)
+                raise ValueError(f"the vllm engine takes at most one adapter, got {len(adapters)}")
+            # ms-swift turns LoRA on and applies the adapter to every request it is not told otherwise
+            self._engine = VllmEngine(
+                str(model),
+                model_type=model_type,
+                template_type=template,
+                adapters=list(adapters) or None,
+                **options,
+            )
+        else:
+            raise ValueError(f"unknown engine kind {kind!r}; choose transformers or vllm")
+        self.kind = kind
+
+    def infer(self, requests: Sequence[Any], config: Any, *, use_tqdm: bool = False) -> list[Any]:
+        """ms-swift's responses (choices with token usage and logprobs) to its `InferRequest`s under one
+        `RequestConfig`, in order; blocking. For callers that need more than texts (the serving engine)."""
+        return self._engine.infer(list(requests), config, use_tqdm=use_tqdm)
+
+    async def infer_async(self, request: Any, config: Any) -> Any:
+        """ms-swift's response to one `InferRequest`; vLLM's async engine batches concurrent ones."""
+        return await self._engine.infer_async(request, config)
+
+    def _sample(self, prompts: Sequence[Prompt], params: SamplingParams, *, logprobs: bool) -> list[Any]:
+        from swift.infer_engine import InferRequest, RequestConfig
+
+        requests = [InferRequest(messages=p.messages, audios=list(p.audios)) for p in prompts]
+        config = RequestConfig(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            logprobs=logprobs,
+        )
+        return self.infer(requests, config, use_tqdm=len(requests) > 1)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[str]]:
+        responses = self._sample(prompts, params, logprobs=False)
+        return [[choice.message.content or "" for choice in r.choices] for r in responses]
+
+    def generate_completions(
+        self, prompts: Sequence[Prompt], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """As `generate`, with each completion's token log-probabilities (for `Completion.confidence`).
+
+        Costs more than `generate` on the transformers engine (it keeps every step's logits), so sampling
+        that only needs texts calls `generate`.
+        """
+        responses = self._sample(prompts, params, logprobs=True)
+        return [
+            [Completion(c.message.content or "", token_logprobs(c.logprobs)) for c in r.choices]
+            for r in responses
+        ]
+
+
+def recipe_engine(
+    recipe: Any, model: str | Path, datasets: Path, *, kind: EngineKind, batch_size: int
+) -> SwiftEngine:
+    """The engine for a recipe's model family; audio rows resolve their clips against the dataset folder."""
+    return SwiftEngine(
+        model,
+        kind=kind,
+        model_type=recipe.model.model_type,
+        template=recipe.model.template,
+        media_root=datasets if recipe.data.modality == "audio" else None,
+        max_batch_size=batch_size,
+    )
+
+
+# --- serving ------------------------------------------------------------------------------------------------
+
+
+def _swift_names(config: EngineConfig) -> tuple[str | None, str | None]:
+    """model_type and template: from the config, else from a tiny model's marker file (tests, CPU recipes)."""
+    if config.model_type or config.model is None:
+        return config.model_type, config.template
+    # A tiny model folder has no hub id and ms-swift cannot tell its Qwen model_type from its architecture
+    # (several share it), while a trained checkpoint carries ms-swift's args.json. Only then, and only for a
+    # local engine, is tiny_models (standard library only) imported.
+    from teleguard.tiny_models import MARKER_FILE, load_tiny_model
+
+    if (Path(config.model) / MARKER_FILE).is_file():
+        tiny = load_tiny_model(Path(config.model))
+        return tiny.model_type, config.template or tiny.template
+    return None, config.template
+
+
+def _infer_request(request: EngineRequest) -> Any:
+    from swift.infer_engine import InferRequest
+
+    return InferRequest(
+        messages=[dict(m) for m in request.messages], audios=[wav_bytes(c) for c in request.audios]
+    )
+
+
+def _generation(response: Any) -> Generation:
+    choice = response.choices[0]
+    usage = getattr(response, "usage", None)
+    return Generation(
+        choice.message.content or "",
+        getattr(usage, "completion_tokens", None),
+        token_logprobs(getattr(choice, "logprobs", None)),
+    )
+
+
+class SwiftServingEngine:
+    """A local ms-swift engine (transformers or vLLM) as the policy's `generate`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.kind not in ("transformers", "vllm"):
+            raise ValueError(f"SwiftServingEngine runs transformers or vllm, not {config.kind}")
+        if not config.model:
+            raise ValueError(f"the {config.kind} engine needs 'model' (a local model folder)")
+        self.config = config
+        self.kind = config.kind
+        model_type, template = _swift_names(config)
+        options = dict(config.engine_options)
+        if config.kind == "transformers":
+            import torch
+
+            if config.device == "cpu":
+                options.setdefault("device_map", "cpu")
+                options.setdefault("torch_dtype", torch.float32)
+            elif config.device == "cuda":
+                options.setdefault("device_map", "cuda")
+        else:
+            options.setdefault("use_async_engine", True)  # vLLM's continuous batching across calls
+            options.setdefault("enable_prefix_caching", True)
+        self.swift = SwiftEngine(
+            config.model,
+            kind=config.kind,
+            model_type=model_type,
+            template=template,
+            adapters=config.adapters,
+            max_batch_size=config.max_batch_size,
+            engine_options=options,
+        )
+        self.batcher = (
+            MicroBatcher(
+                self._infer_batch, max_batch_size=config.max_batch_size, wait_ms=config.batch_wait_ms
+            )
+            if config.kind == "transformers"
+            else None
+        )
+
+    def _request_config(self, max_tokens: int) -> Any:
+        from swift.infer_engine import RequestConfig
+
+        # logprobs: ms-swift returns each generated token's logprob (transformers: log-softmax of the raw
+        # logits; vLLM: its sample logprobs) in the choice, the confidence's input
+        return RequestConfig(
+            max_tokens=max_tokens, temperature=self.config.temperature, logprobs=self.config.logprobs
+        )
+
+    def _infer_batch(self, requests: list[EngineRequest]) -> list[Generation]:
+        """One blocking engine call per distinct max_tokens (in practice one)."""
+        out: dict[int, Generation] = {}
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.config.max_tokens_for(r), []).append(i)
+        for max_tokens, indices in groups.items():
+            responses = self.swift.infer(
+                [_infer_request(requests[i]) for i in indices],
+                self._request_config(max_tokens),
+            )
+            for i, response in zip(indices, responses, strict=True):
+                if isinstance(response, Exception):
+                    raise EngineFailure(f"ms-swift failed on a request: {response}")
+                out[i] = _generation(response)
+        return [out[i] for i in range(len(requests))]
+
+    async def generate(self, requests: Sequence[EngineRequest]) -> list[Generation]:
+        if self.batcher is not None:
+            return await self.batcher.generate(requests)
+
+        async def one(request: EngineRequest) -> Generation:
+            response = await self.swift.infer_async(
+                _infer_request(request), self._request_config(self.config.max_tokens_for(request))
+            )
+            return _generation(response)
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    __call__ = generate
+
+    async def aclose(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.aclose()

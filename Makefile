@@ -65,12 +65,12 @@ test: setup lint
 	$(BIN)/python -m pytest -q -ra
 
 lint: setup
-	$(BIN)/ruff check src tests bench components pipelines
-	$(BIN)/ruff format --check src tests bench components pipelines
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: setup
-	$(BIN)/ruff check --fix src tests bench components pipelines
-	$(BIN)/ruff format src tests bench components pipelines
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 bench: setup
 	$(BIN)/python bench/bench_rewards.py --out docs/bench-rewards.json

@@ -21,8 +21,6 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
-COPY components ./components
-COPY pipelines ./pipelines
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints-gpu.txt \
     && pip install --upgrade pip \
     && pip install -c /tmp/constraints-gpu.txt "vllm==${VLLM_VERSION}" ".[training,serving]"

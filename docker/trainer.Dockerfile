@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1.7
 # teleguard trainer image: CUDA, ms-swift, vLLM and teleguard (kfp included). The Kubeflow pipeline's components
-# run in it (components/images.py: ghcr.io/teleguard/teleguard-trainer:0.1.0) and `teleguard train` runs the
-# SAFE-QAQ stages; the recipes are at /opt/teleguard/recipes (the pipeline's default recipe path).
+# run in it (teleguard.pipeline.components.images: ghcr.io/teleguard/teleguard-trainer:<package version>) and
+# `teleguard train` runs the SAFE-QAQ stages; the recipes are at /opt/teleguard/recipes (the pipeline's default
+# recipe path).
 #
-# Build from the repository root (the context needs pyproject.toml, constraints.txt, src/, components/,
-# pipelines/ and recipes/; trainer.Dockerfile.dockerignore keeps everything else out):
+# Build from the repository root (the context needs pyproject.toml, constraints.txt, src/ and recipes/;
+# trainer.Dockerfile.dockerignore keeps everything else out):
 #   docker build -f docker/trainer.Dockerfile -t ghcr.io/teleguard/teleguard-trainer:0.1.0 .
 #
 # Versions: the same pins as the project (constraints.txt: ms-swift, transformers, trl, peft, kfp, kserve) except
@@ -24,8 +25,6 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
-COPY components ./components
-COPY pipelines ./pipelines
 # GPU constraints: constraints.txt without the CPU torch pin (vLLM's wheel pins the CUDA torch)
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints-gpu.txt \
     && pip install --upgrade pip \

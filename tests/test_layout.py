@@ -1,4 +1,5 @@
-"""The package's import graph: no import cycles anywhere, and the engines never import the serving code.
+"""The package's import graph: no import cycles anywhere, the packages in layers (the README's layout sketch),
+and every package listed in pyproject.toml.
 
 Every module under src/teleguard is parsed with `ast` (nothing is imported). An edge A -> B is an
 `import teleguard.B` or `from teleguard.B import ...` (relative imports resolved) at module level or inside a
@@ -9,18 +10,27 @@ Imports under `if TYPE_CHECKING:` are left out: they never run.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
-import pytest
+from tests.support.paths import REPO
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 PACKAGE = "teleguard"
-
-# Cycles in other parts of the restructuring (issue 13), removed on their branches: delete this list once they
-# are merged. Each entry is a cycle as `cycles()` reports it (its smallest module first).
-KNOWN_FOREIGN_CYCLES: list[tuple[str, ...]] = [
-    ("teleguard.pipeline", "teleguard.pipeline_arguments"),
-]
+# The layers of the README's layout, top first: a module may import only from its own layer or those below.
+LAYERS = (
+    ("cli",),
+    ("pipeline",),
+    ("evaluate",),
+    ("train",),
+    ("serve",),
+    ("engines",),
+    ("plugins",),
+    ("rewards",),
+    ("data",),
+    ("contract",),
+    ("storage", "tiny_models", "offline", "loopback", "yaml_files"),
+)
 
 
 def module_names() -> dict[str, Path]:
@@ -157,16 +167,37 @@ def test_cycles_are_found_and_printed() -> None:
 
 def test_no_import_cycles() -> None:
     found = cycles(import_graph())
-    unexpected = [c for c in found if c not in KNOWN_FOREIGN_CYCLES]
-    assert not unexpected, "import cycles:\n" + "\n".join(_show(c) for c in unexpected)
+    assert not found, "import cycles:\n" + "\n".join(_show(c) for c in found)
 
 
-@pytest.mark.xfail(
-    reason="other branches of issue 13 remove these; delete with KNOWN_FOREIGN_CYCLES", strict=True
-)
-def test_no_known_foreign_cycles_left() -> None:
-    found = cycles(import_graph())
-    assert not [c for c in found if c in KNOWN_FOREIGN_CYCLES]
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    for depth, names in enumerate(LAYERS):
+        if part in names:
+            return depth
+    raise AssertionError(
+        f"{module}: in no layer of LAYERS (add its package there and to the README's layout)"
+    )
+
+
+def test_packages_import_only_the_layers_below() -> None:
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if module != PACKAGE
+        for target in targets
+        if layer_of(target) < layer_of(module)
+    )
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def test_every_package_is_listed_in_pyproject() -> None:
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]["packages"]
+    )
+    found = {".".join(init.parent.relative_to(SRC).parts) for init in (SRC / PACKAGE).rglob("__init__.py")}
+    assert found - listed == set(), "packages a wheel would leave out"
+    assert listed - found == set(), "listed packages that do not exist"
 
 
 def test_the_engines_do_not_import_the_serving_code() -> None:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from teleguard.contract import Mode, Round, format_answer, load_prompts
-from teleguard.pipeline import PIPELINES
+from teleguard.pipeline.registry import PIPELINES
 from teleguard.rewards import REWARDS
 from tests.support.fake_kfp import FakeKfpApi
 from tests.support.paths import REPO, TRANSCRIPTS_DIR
@@ -78,7 +78,7 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "teleguard pipeline run --local --pipeline rm-dpo": (
         "tests/pipeline/test_seed_recipes.py::test_rm_dpo_recipe",
-        "in process (teleguard.pipeline.run_local, what the command calls), CI-sized",
+        "in process (teleguard.pipeline.local.run_local, what the command calls), CI-sized",
     ),
     "make recipe-teacher-judge": (
         "tests/pipeline/test_seed_recipes.py::test_teacher_judge_recipe",

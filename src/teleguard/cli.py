@@ -14,7 +14,7 @@ from rich.table import Table
 from teleguard.contract import Mode, PromptFileError, Round, load_prompts, parse_output
 from teleguard.data.cli import app as data_app
 from teleguard.evaluate.cli import evaluate as evaluate_command
-from teleguard.pipeline_cli import app as pipeline_app
+from teleguard.pipeline.cli import app as pipeline_app
 from teleguard.serve.cli import serve_command, stream_command
 from teleguard.train.cli import train as train_command
 

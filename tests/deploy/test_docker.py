@@ -104,12 +104,13 @@ def test_server_healthcheck_uses_the_liveness_route_and_trainer_documents_none()
 
 
 def test_trainer_ships_the_recipes_where_the_pipeline_looks() -> None:
-    from teleguard.components.images import TRAINER_IMAGE
+    from teleguard.pipeline.components.images import TRAINER_IMAGE
 
     assert TRAINER_IMAGE == "ghcr.io/teleguard/teleguard-trainer:0.1.0"
     assert ("COPY", "recipes /opt/teleguard/recipes") in final_stage(IMAGES["trainer"])
     default = re.search(
-        r'recipe: str = "(/opt/teleguard/recipes/[^"]+)"', (ROOT / "pipelines" / "safe_qaq.py").read_text()
+        r'recipe="(/opt/teleguard/recipes/[^"]+)"',
+        (ROOT / "src" / "teleguard" / "pipeline" / "definitions" / "safe_qaq.py").read_text(),
     )
     assert default and (ROOT / "recipes" / default.group(1).removeprefix("/opt/teleguard/recipes/")).is_file()
     assert "ghcr.io/teleguard/teleguard-trainer:0.1.0" in IMAGES["trainer"].read_text()

@@ -1,9 +1,9 @@
-"""The quality gate's checks (teleguard.pipeline_steps.gate_checks): the deployed detector's live figures and the
+"""The quality gate's checks (teleguard.pipeline.steps.registration.gate_checks): the deployed detector's live figures and the
 offline well-formed rate against the pipeline's thresholds."""
 
 from __future__ import annotations
 
-from teleguard.pipeline_steps import GATE_FIGURES, gate_checks
+from teleguard.pipeline.steps.registration import GATE_FIGURES, gate_checks
 
 THRESHOLDS = {
     "min_live_accuracy": 0.95,

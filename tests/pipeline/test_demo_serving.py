@@ -1,4 +1,4 @@
-"""The main job's serving demo (`teleguard.demo_serving`) on a tiny model and four hand-written calls.
+"""The main job's serving demo (`teleguard.pipeline.demo_serving`) on a tiny model and four hand-written calls.
 
 A run folder is laid out as KFP's local runner leaves it (the export step's model, the build-data step's
 held-out calls) with nothing registered, as after a failed quality gate: the demo says it serves the exported
@@ -16,7 +16,7 @@ from rich.console import Console
 
 from teleguard.data.dataset import write_calls
 from teleguard.data.records import CallLabels, CallRecord, Turn
-from teleguard.demo_serving import DEMO_DIR, demo_from_run, pick_calls
+from teleguard.pipeline.demo_serving import DEMO_DIR, demo_from_run, pick_calls
 from teleguard.tiny_models import TinyModel
 from tests.support.detector import TURNS
 

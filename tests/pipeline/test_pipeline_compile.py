@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kfp import compiler
 
-from teleguard.pipelines.safe_qaq import safe_qaq
+from teleguard.pipeline.definitions.safe_qaq import safe_qaq
 from tests.support.crds import crd_errors
 from tests.support.paths import REPO
 
@@ -63,7 +63,8 @@ def test_gpu_steps_carry_the_gpu_settings_and_cpu_steps_none(tmp_path: Path) -> 
 
 
 def test_compiled_files_are_in_sync(tmp_path: Path, monkeypatch) -> None:
-    from teleguard.pipeline import COMPILED_DIR, MANIFEST_FILE, PIPELINES, SPEC_FILE, compile_pipelines
+    from teleguard.pipeline.cluster import compile_pipelines
+    from teleguard.pipeline.registry import COMPILED_DIR, MANIFEST_FILE, PIPELINES, SPEC_FILE
 
     monkeypatch.delenv("TELEGUARD_TRAINER_IMAGE", raising=False)
     compile_pipelines(tmp_path)
@@ -81,7 +82,7 @@ def test_compiled_files_are_in_sync(tmp_path: Path, monkeypatch) -> None:
     "key", ["safe-qaq", "teacher-judge", "classifier-reward", "distill-cascade", "rm-dpo"]
 )
 def test_pipeline_manifests_validate_against_the_crds(key: str) -> None:
-    from teleguard.pipeline import COMPILED_DIR, pipeline_info
+    from teleguard.pipeline.registry import COMPILED_DIR, pipeline_info
 
     info = pipeline_info(key)
     docs = list(yaml.safe_load_all((COMPILED_DIR / info.manifest_file).read_text("utf-8")))
@@ -101,7 +102,7 @@ def test_pipeline_manifests_validate_against_the_crds(key: str) -> None:
 def test_seed_pipelines_put_training_on_the_gpu_pool_and_have_runnable_defaults(
     key: str, tmp_path: Path
 ) -> None:
-    from teleguard.pipeline import pipeline_info
+    from teleguard.pipeline.registry import pipeline_info
 
     info = pipeline_info(key)
     path = tmp_path / info.spec_file
@@ -137,3 +138,40 @@ def test_kfp_launcher_configmap_points_at_minio_with_secret_credentials() -> Non
             "secretKeyKey": "secretkey",
         },
     }
+
+
+def compiled_parameters() -> dict[str, dict[str, dict]]:
+    """Every compiled file of pipelines/compiled/ (specs and manifests) with its pipeline's input parameters."""
+    from teleguard.pipeline.registry import COMPILED_DIR
+
+    found = {}
+    for path in sorted(COMPILED_DIR.glob("*.yaml")):
+        docs = list(yaml.safe_load_all(path.read_text("utf-8")))
+        spec = docs[1]["spec"]["pipelineSpec"] if path.name.endswith(".k8s.yaml") else docs[0]
+        found[path.name] = spec["root"]["inputDefinitions"]["parameters"]
+    return found
+
+
+def test_shared_parameters_agree_across_every_compiled_pipeline() -> None:
+    """The parameters declared once (definitions.shared.Parameters) have one name, type and default in every
+    compiled pipeline; every pipeline has all but the optional ones; `recipe` defaults to the pipeline's own."""
+    from teleguard.pipeline.definitions.shared import OPTIONAL, shared_parameters
+    from teleguard.pipeline.registry import PIPELINES
+
+    compiled = compiled_parameters()
+    assert len(compiled) == 2 * len(PIPELINES)
+    recipes = {f"{i.module}{ext}": k for k, i in PIPELINES.items() for ext in (".yaml", ".k8s.yaml")}
+    for param in shared_parameters("", OPTIONAL):
+        having = {name: params[param.name] for name, params in compiled.items() if param.name in params}
+        if param.name not in OPTIONAL:
+            assert set(having) == set(compiled), (
+                f"{param.name}: missing in {sorted(set(compiled) - set(having))}"
+            )
+        assert len({p["parameterType"] for p in having.values()}) == 1, (param.name, having)
+        for name, p in having.items():
+            expected = (
+                f"/opt/teleguard/recipes/{recipes[name]}/qwen2-audio-7b.yaml"
+                if param.name == "recipe"
+                else param.default
+            )
+            assert p["defaultValue"] == expected, (name, param.name, p["defaultValue"])

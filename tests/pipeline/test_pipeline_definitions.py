@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from teleguard.pipeline import PIPELINES, pipeline_info, task_folders
-from teleguard.pipeline_arguments import load_arguments
+from teleguard.pipeline.arguments import load_arguments
+from teleguard.pipeline.definitions.shared import Definition
+from teleguard.pipeline.registry import PIPELINES, pipeline_info, task_folders
 from tests.support.paths import REPO
 
 RECIPES = REPO / "recipes" / "safe-qaq"
@@ -44,8 +45,7 @@ def upstream_folders(function: Any) -> dict[str, set[str]]:
 @pytest.mark.parametrize("key", list(PIPELINES))
 def test_steps_are_the_pipelines_tasks_in_running_order(key: str) -> None:
     info = pipeline_info(key)
-    definition = info.definition()
-    assert {"PIPELINE_NAME", "TITLE", "STEPS"} <= set(vars(definition)), definition.__name__
+    assert isinstance(info.definition(), Definition), info.module
     assert info.name() == f"teleguard-{key}" and info.title.startswith("teleguard ")
     steps = info.steps()
     assert all(isinstance(what, str) and what for what in steps.values()), "every step says what it is for"
@@ -53,7 +53,7 @@ def test_steps_are_the_pipelines_tasks_in_running_order(key: str) -> None:
     folders = task_folders(function)
     assert len(folders) == len(set(folders))
     assert set(steps) == set(folders), (
-        f"pipelines/{info.module}.py STEPS: missing {sorted(set(folders) - set(steps))}, "
+        f"teleguard/pipeline/definitions/{info.module}.py steps: missing {sorted(set(folders) - set(steps))}, "
         f"not a task {sorted(set(steps) - set(folders))}"
     )
     order = list(steps)

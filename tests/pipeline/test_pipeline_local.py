@@ -22,10 +22,11 @@ import yaml
 from typer.testing import CliRunner
 
 from teleguard.contract import load_prompts
-from teleguard.pipeline import pipeline_info, run_local
-from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments, pipeline_parameters
-from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
-from teleguard.pipeline_summary import step_output, summarize_run
+from teleguard.pipeline.arguments import PipelineArgumentsError, load_arguments, pipeline_parameters
+from teleguard.pipeline.local import run_local
+from teleguard.pipeline.progress import LOGS_DIR, TIMES_FILE
+from teleguard.pipeline.registry import pipeline_info
+from teleguard.pipeline.summary import step_output, summarize_run
 from teleguard.serve.profile import PROMPTS_FILE, read_profile
 from tests.support.paths import REPO, TRANSCRIPTS_DIR
 from tests.support.processes import wait_ready

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl, local
 
-from teleguard.pipeline_progress import LOGS_DIR, RUNNER_LOG, TIMES_FILE, RunWatch
+from teleguard.pipeline.progress import LOGS_DIR, RUNNER_LOG, TIMES_FILE, RunWatch
 from tests.support.paths import REPO
 
 TELEGUARD = Path(sys.executable).parent / "teleguard"  # the installed entry point, as a user runs it

@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from teleguard.cli import app
-from teleguard.pipeline import COMPILED_DIR, SPEC_FILE, kubeconfig_token, submit
+from teleguard.pipeline.cluster import kubeconfig_token, submit
+from teleguard.pipeline.registry import COMPILED_DIR, SPEC_FILE
 from tests.support.fake_kfp import FakeKfpApi
 
 TOKEN = "tg-kfp-token-3f9a"

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from teleguard.pipeline import pipeline_info, run_local
-from teleguard.pipeline_arguments import load_arguments
-from teleguard.pipeline_summary import step_output, summarize_run
+from teleguard.pipeline.arguments import load_arguments
+from teleguard.pipeline.local import run_local
+from teleguard.pipeline.registry import pipeline_info
+from teleguard.pipeline.summary import step_output, summarize_run
 from tests.support.paths import REPO, TRANSCRIPTS_DIR
 
 pytestmark = pytest.mark.slow

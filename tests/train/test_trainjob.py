@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from teleguard.pipeline_steps import trainjob_stage_step
+from teleguard.pipeline.steps.training import trainjob_stage_step
 from teleguard.storage import put_dir
 from teleguard.train.distributed import node_rank
 from teleguard.train.trainjob import (

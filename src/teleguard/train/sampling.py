@@ -14,11 +14,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teleguard.contract import parse_output
 from teleguard.engines import Engine, SamplingParams, prompt_of_row
 from teleguard.rewards import CORRECT, route_of, score_format, score_label
+
+if TYPE_CHECKING:
+    from teleguard.train.config import Recipe
 
 
 def is_correct(completion: str, gold: str, stage: str) -> bool:
@@ -122,6 +125,38 @@ def write_selection(
     report = selection.report()
     (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", "utf-8")
     return report
+
+
+SAMPLES_FILE = (
+    "samples.jsonl"  # every prompt row with all its samples: selection, pairs and RM ranking read it
+)
+
+
+def sample_recipe(recipe: Recipe, model: Path, datasets: Path, out_dir: Path) -> tuple[Path, int]:
+    """Stage 2a's first half, as the recipe's sample stage says: N samples for each training prompt row (up to
+    `limit`) from `model`, written with their rows to `out_dir/samples.jsonl`. Returns (the prompt file, rows).
+
+    The one implementation of the sampling: `teleguard train` (the Runner) and the pipeline's step call it."""
+    from teleguard.engines import recipe_engine
+
+    s = recipe.stages.sample
+    source = datasets / recipe.data.train_split / "grpo.jsonl"
+    rows = read_rows(source, s.limit)
+    engine = recipe_engine(recipe, model, datasets, kind=s.engine, batch_size=s.batch_size)
+    samples = generate_samples(engine, rows, sampling_params(s), s.batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(
+        out_dir / SAMPLES_FILE, ({**row, "samples": outs} for row, outs in zip(rows, samples, strict=True))
+    )
+    return source, len(rows)
+
+
+def select_samples(samples_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Stage 2a's second half: the shortest correct sample of each row of `samples_dir/samples.jsonl`, written to
+    `out_dir` (`write_selection`); returns the report."""
+    rows = read_rows(samples_dir / SAMPLES_FILE)
+    samples = [row.pop("samples") for row in rows]
+    return write_selection(rows, samples, out_dir)
 
 
 def rejection_sample(

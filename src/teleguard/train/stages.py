@@ -50,6 +50,9 @@ TRAINING_STATE = (
     "trainer_state.json",
 )
 WORK_DIR_ENV = "TELEGUARD_WORK_DIR"  # where stages with an s3:// output_dir keep their local copies
+# stages run by another stage's method: (stage, model, folder) -> the manifest's fields
+STAGE_METHODS = {"rsft": "sft", "distill": "sft", "lcrl": "grpo", "realtime": "grpo"}
+StageRun = Callable[[str, Path, Path], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,7 @@ class Runner:
         start_model = self._fetch(str(start_model)) if start_model else self.start_model(stage)
         started = time.monotonic()
         self.log(f"{stage}: starting from {start_model}")
-        method = {"rsft": "sft", "distill": "sft", "lcrl": "grpo", "realtime": "grpo"}.get(stage, stage)
-        fields = getattr(self, f"_run_{method}")(stage, start_model, folder)
+        fields = self._stage_runner(stage)(stage, start_model, folder)
         if fields.get("worker_node"):
             self.log(f"{stage}: training finished on node {fields['worker_node']}; node 0 keeps the model")
             return StageResult(stage, folder, start_model, fields, skipped=True)
@@ -237,6 +239,25 @@ class Runner:
             put_dir(folder, f"{self.recipe.output_dir.rstrip('/')}/{stage}")
         self.log(f"{stage}: done in {manifest['wall_seconds']} s -> {folder / manifest['model']}")
         return StageResult(stage, folder, folder / manifest["model"], read_manifest(folder) or manifest)
+
+    def _stage_runner(self, stage: str) -> StageRun:
+        """The method that runs `stage`: stages of one kind share one (RSFT and distillation are SFT runs)."""
+        runners: dict[str, StageRun] = {
+            "sft": self._run_sft,
+            "classifier": self._run_classifier,
+            "grpo": self._run_grpo,
+            "sample": self._run_sample,
+            "rm": self._run_rm,
+            "dpo": self._run_dpo,
+            "ppo": self._run_ppo,
+            "export": self._run_export,
+        }
+        method = STAGE_METHODS.get(stage, stage)
+        if method not in runners:
+            raise ValueError(
+                f"no runner for stage {stage!r} (method {method!r}); runners: {', '.join(runners)}"
+            )
+        return runners[method]
 
     def run_all(self, stages: list[str] | None = None) -> list[StageResult]:
         return [self.run(stage) for stage in (stages or self.recipe.enabled())]
@@ -607,26 +628,11 @@ class Runner:
         return with_metrics(fields, mean_kl=kl, target_kl=s.target_kl, kl_within_target=within)
 
     def _run_sample(self, stage: str, model: Path, folder: Path) -> dict[str, Any]:
-        from teleguard.engines import recipe_engine
-        from teleguard.train.sampling import (
-            generate_samples,
-            read_rows,
-            sampling_params,
-            write_jsonl,
-            write_selection,
-        )
+        from teleguard.train.sampling import sample_recipe, select_samples
 
-        s = self.recipe.stages.sample
-        source = self.datasets() / self.recipe.data.train_split / "grpo.jsonl"
-        rows = read_rows(source, s.limit)
-        engine = recipe_engine(self.recipe, model, self.datasets(), kind=s.engine, batch_size=s.batch_size)
-        params = sampling_params(s)
-        samples = generate_samples(engine, rows, params, s.batch_size)
-        # every sample is kept too: preference pairs and reward-model ranking choose among them
-        write_jsonl(
-            folder / "samples.jsonl", ({**r, "samples": o} for r, o in zip(rows, samples, strict=True))
-        )
-        report = write_selection(rows, samples, folder)
+        # every sample is kept too (samples.jsonl): preference pairs and reward-model ranking choose among them
+        source, _ = sample_recipe(self.recipe, model, self.datasets(), folder)
+        report = select_samples(folder, folder)
         self.log(
             f"sample: kept {report['kept']} of {report['prompts']} prompts ({report['unsolved']} unsolved)"
         )

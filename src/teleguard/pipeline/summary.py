@@ -2,7 +2,7 @@
 
 It reads what KFP's local runner leaves behind: one folder per step holding the step's artifacts and its
 `executor_output.json` (the step's returned value under `parameterValues.Output`), and what
-`teleguard.pipeline_progress` adds: `logs/<step>.log` and every step's seconds in `logs/steps.json`. The steps
+`teleguard.pipeline.progress` adds: `logs/<step>.log` and every step's seconds in `logs/steps.json`. The steps
 and what each is for come from the pipeline's definition (`PipelineInfo.steps()`).
 """
 
@@ -61,9 +61,9 @@ def _figures(step: str, out: Any) -> str:
 def summarize_run(
     run_dir: Path, pipeline_steps: dict[str, str], arguments: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The run's steps (`pipeline_steps`: the pipeline's STEPS), the evaluation of each compared model, the gate's
+    """The run's steps (`pipeline_steps`: the definition's steps), the evaluation of each compared model, the gate's
     verdict with each of its checks (the thresholds from the run's `arguments`) and where things are."""
-    from teleguard.pipeline_progress import LOGS_DIR, TIMES_FILE
+    from teleguard.pipeline.progress import LOGS_DIR, TIMES_FILE
 
     logs = run_dir / LOGS_DIR
     times = json.loads((logs / TIMES_FILE).read_text("utf-8")) if (logs / TIMES_FILE).is_file() else {}
@@ -139,7 +139,7 @@ LIVE_ROWS = (
 
 def _gate_checks(evaluation: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
     """The quality gate's checks as its step made them, from the run's thresholds (none without them)."""
-    from teleguard.pipeline_steps import GATE_FIGURES, gate_checks
+    from teleguard.pipeline.steps.registration import GATE_FIGURES, gate_checks
 
     thresholds = {p: arguments[p] for p, _, _ in GATE_FIGURES if p in arguments}
     if "final" not in evaluation or len(thresholds) < len(GATE_FIGURES):

@@ -1,13 +1,14 @@
 """Training steps: the start model, one component per SAFE-QAQ stage, rejection sampling and selection, export.
 
-Every stage component has `enabled`: switched off, it passes its input model through, so the pipeline's
-graph stays the same whichever stages run.
+The stage components that a pipeline parameter switches (warm start, the GRPO stages, RSFT) take `enabled`:
+switched off, the stage passes its input model through, so the pipeline's graph stays the same whichever stages
+run. The start model, sampling, selection and export always run.
 """
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from teleguard.components.images import TRAINER_IMAGE
+from teleguard.pipeline.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -15,11 +16,10 @@ def start_model(
     recipe: str, recipe_overrides: dict, base_model_uri: str, datasets: Input[Dataset], model: Output[Model]
 ):
     """The model the pipeline starts from (the base model URI, or the recipe's tiny model built on the spot)."""
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import path_of
+    from teleguard.pipeline.steps.training import start_model_step
 
-    from teleguard.pipeline_steps import start_model_step
-
-    start_model_step(recipe, recipe_overrides, base_model_uri, Path(datasets.path), Path(model.path))
+    start_model_step(recipe, recipe_overrides, base_model_uri, path_of(datasets), path_of(model))
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -28,14 +28,9 @@ def warm_start_sft(
     model: Output[Model],
 ) -> str:  # fmt: skip
     """Warm-start SFT for a base model that never saw the task (`swift sft`)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "sft", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    ), default=str)  # fmt: skip
+    return stage_step("sft", enabled, recipe, recipe_overrides, datasets, start, model)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -45,13 +40,10 @@ def grpo_stage1(
     gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
     """Stage 1: rule-based GRPO (`swift rlhf --rlhf_type grpo`, adaptive classification + format). With num_nodes > 1, a TrainJob on that many GPU nodes."""
-    from teleguard.pipeline_steps import rl_stage_step
+    from teleguard.pipeline.artifacts import Nodes, stage_step
 
-    return rl_stage_step(
-        "grpo", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
-        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
-        tolerations=gpu_tolerations,
-    )  # fmt: skip
+    nodes = Nodes(num_nodes, trainer_image, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    return stage_step("grpo", enabled, recipe, recipe_overrides, datasets, start, model, nodes=nodes)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -63,22 +55,19 @@ def rejection_sampling(
     samples: Output[Dataset],
 ) -> int:
     """Stage 2a: N samples per training prompt through an inference engine (vLLM on GPU)."""
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import path_of
+    from teleguard.pipeline.steps.training import sample_step
 
-    from teleguard.pipeline_steps import sample_step
-
-    return sample_step(recipe, recipe_overrides, Path(datasets.path), Path(policy.path), Path(samples.path))
+    return sample_step(recipe, recipe_overrides, path_of(datasets), path_of(policy), path_of(samples))
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def select_shortest_correct(samples: Input[Dataset], selection: Output[Dataset]) -> str:
     """Stage 2a: keep the shortest correct response per prompt; report prompts with none correct."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import as_json, path_of
+    from teleguard.pipeline.steps.training import select_step
 
-    from teleguard.pipeline_steps import select_step
-
-    return json.dumps(select_step(Path(samples.path), Path(selection.path)))
+    return as_json(select_step(path_of(samples), path_of(selection)))
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -87,15 +76,9 @@ def rsft(
     start: Input[Model], model: Output[Model],
 ) -> str:  # fmt: skip
     """Stage 2b: SFT on the selected responses (`swift sft`)."""
-    import json
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    return json.dumps(train_stage_step(
-        "rsft", enabled, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path),
-        selection=Path(selection.path),
-    ), default=str)  # fmt: skip
+    return stage_step("rsft", enabled, recipe, recipe_overrides, datasets, start, model, selection=selection)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -105,13 +88,10 @@ def lcrl(
     gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
     """Stage 2c: length-constrained GRPO (+ think-length penalty). With num_nodes > 1, a TrainJob on that many GPU nodes."""
-    from teleguard.pipeline_steps import rl_stage_step
+    from teleguard.pipeline.artifacts import Nodes, stage_step
 
-    return rl_stage_step(
-        "lcrl", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
-        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
-        tolerations=gpu_tolerations,
-    )  # fmt: skip
+    nodes = Nodes(num_nodes, trainer_image, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    return stage_step("lcrl", enabled, recipe, recipe_overrides, datasets, start, model, nodes=nodes)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -121,13 +101,10 @@ def realtime_grpo(
     gpu_tolerations: list, model: Output[Model],
 ) -> str:  # fmt: skip
     """Stage 3: real-time GRPO on streaming prefixes (+ stage reward). With num_nodes > 1, a TrainJob on that many GPU nodes."""
-    from teleguard.pipeline_steps import rl_stage_step
+    from teleguard.pipeline.artifacts import Nodes, stage_step
 
-    return rl_stage_step(
-        "realtime", enabled, recipe, recipe_overrides, datasets, start, model, num_nodes=num_nodes,
-        image=trainer_image, gpu_type=gpu_type, gpus_per_node=gpu_count, node_selector=gpu_node_selector,
-        tolerations=gpu_tolerations,
-    )  # fmt: skip
+    nodes = Nodes(num_nodes, trainer_image, gpu_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    return stage_step("realtime", enabled, recipe, recipe_overrides, datasets, start, model, nodes=nodes)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -135,10 +112,6 @@ def export_model(
     recipe: str, recipe_overrides: dict, datasets: Input[Dataset], start: Input[Model], model: Output[Model]
 ):
     """The serving model: LoRA merged into its base (`swift export --merge_lora true`), with its serving card."""
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import stage_step
 
-    from teleguard.pipeline_steps import train_stage_step
-
-    train_stage_step(
-        "export", True, recipe, recipe_overrides, Path(datasets.path), Path(start.path), Path(model.path)
-    )
+    stage_step("export", True, recipe, recipe_overrides, datasets, start, model)

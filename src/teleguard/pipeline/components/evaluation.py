@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from teleguard.components.images import TRAINER_IMAGE
+from teleguard.pipeline.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -27,25 +27,17 @@ def evaluate(
     """Offline TeleAntiFraud metrics of the stages' models, and the exported model as deployed: held-out calls
     replayed live through the detector with its serving profile, next to a TF-IDF baseline; returns the final
     model's figures (JSON) for the quality gate."""
-    from pathlib import Path
+    from teleguard.pipeline.artifacts import path_of, paths_of
+    from teleguard.pipeline.steps.evaluation import evaluate_with_live_step, log_evaluation
 
-    from teleguard.pipeline_steps import evaluate_with_live_step, log_evaluation
-
-    models = {"final": Path(final_model.path)}
+    models = {"final": final_model}
     if compare_stages:
-        models = {
-            "grpo": Path(stage1_model.path),
-            "rsft": Path(rsft_model.path),
-            "lcrl": Path(lcrl_model.path),
-            **models,
-        }
+        models = {"grpo": stage1_model, "rsft": rsft_model, "lcrl": lcrl_model, **models}
     results = evaluate_with_live_step(
-        recipe, recipe_overrides, Path(datasets.path), Path(calls.path), models, Path(details.path),
-        audio_calls=Path(audio_calls.path),
+        recipe, recipe_overrides, path_of(datasets), path_of(calls), paths_of(models), path_of(details),
+        audio_calls=path_of(audio_calls),
     )  # fmt: skip
-    return log_evaluation(
-        results["final"], Path(details.path), metrics, confusion, report.path, report_md.path
-    )
+    return log_evaluation(results["final"], path_of(details), metrics, confusion, report.path, report_md.path)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -61,7 +53,7 @@ def quality_gate(
     alarms on normal calls, fraud type, early detection) and its well-formed rate against the thresholds."""
     import json
 
-    from teleguard.pipeline_steps import gate_checks
+    from teleguard.pipeline.steps.registration import gate_checks
 
     thresholds = {
         "min_live_accuracy": min_live_accuracy,
@@ -83,8 +75,8 @@ def quality_gate(
 def register_model(model: Input[Model], registry_uri: str, model_name: str, summary: str) -> str:
     """Register the serving model (runs only when the evaluation passed the quality gate)."""
     import json
-    from pathlib import Path
 
-    from teleguard.pipeline_steps import register_step
+    from teleguard.pipeline.artifacts import path_of
+    from teleguard.pipeline.steps.registration import register_step
 
-    return register_step(Path(model.path), registry_uri, model_name, json.loads(summary or "{}"))
+    return register_step(path_of(model), registry_uri, model_name, json.loads(summary or "{}"))

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Output
 
-from teleguard.components.images import TRAINER_IMAGE
+from teleguard.pipeline.components.images import TRAINER_IMAGE
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -19,23 +19,21 @@ def build_data(
     card: Output[Markdown],
 ) -> str:
     """Ingest the call data, split it by call, and build the text datasets of every stage."""
-    import json
-    from pathlib import Path
-
-    from teleguard.pipeline_steps import build_data_step
+    from teleguard.pipeline.artifacts import as_json, path_of
+    from teleguard.pipeline.steps.data import build_data_step
 
     summary = build_data_step(
         data_uri,
-        Path(calls.path),
-        Path(datasets.path),
+        path_of(calls),
+        path_of(datasets),
         source_format=source_format,
         prompts=prompts or None,
         max_transcript_chars=max_transcript_chars or None,
         evidence_chars=evidence_chars or None,
         split_seed=split_seed,
     )
-    Path(card.path).write_text((Path(datasets.path) / "train" / "card.md").read_text("utf-8"), "utf-8")
-    return json.dumps(summary)
+    path_of(card).write_text((path_of(datasets) / "train" / "card.md").read_text("utf-8"), "utf-8")
+    return as_json(summary)
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -52,21 +50,15 @@ def synthesize_audio(
 
     Switched off, the text datasets pass through, so the steps after it always read this step's `datasets`.
     """
-    import json
-    import shutil
-    from pathlib import Path
-
-    from teleguard.pipeline_steps import synthesize_audio_step
+    from teleguard.pipeline.artifacts import as_json, path_of
+    from teleguard.pipeline.steps.common import copy_tree
+    from teleguard.pipeline.steps.data import synthesize_audio_step
 
     if not enabled:
-        shutil.copytree(text_datasets.path, datasets.path, dirs_exist_ok=True)
-        Path(audio_calls.path).mkdir(parents=True, exist_ok=True)
-        return json.dumps({"skipped": True})
+        copy_tree(path_of(text_datasets), path_of(datasets))
+        path_of(audio_calls).mkdir(parents=True, exist_ok=True)
+        return as_json({"skipped": True})
     summary = synthesize_audio_step(
-        Path(calls.path),
-        Path(audio_calls.path),
-        Path(datasets.path),
-        limit=limit or None,
-        prompts=prompts or None,
+        path_of(calls), path_of(audio_calls), path_of(datasets), limit=limit or None, prompts=prompts or None
     )
-    return json.dumps(summary)
+    return as_json(summary)

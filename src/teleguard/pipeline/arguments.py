@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from teleguard.pipeline.registry import pipeline_info
 from teleguard.yaml_files import read_mapping
 
 # Parameters that name files on this machine: made absolute for a local run, whose steps run as subprocesses.
@@ -30,8 +31,7 @@ class PipelineArgumentsError(ValueError):
 
 
 def pipeline_parameters(pipeline: str = "safe-qaq") -> dict[str, inspect.Parameter]:
-    from teleguard.pipeline import pipeline_info
-
+    """The pipeline's parameters as KFP reads them (the definition's signature: shared and its own)."""
     return dict(inspect.signature(pipeline_info(pipeline).function().pipeline_func).parameters)
 
 

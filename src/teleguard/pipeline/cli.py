@@ -32,14 +32,14 @@ def compile_command(
     out: Annotated[Path, typer.Option(help="folder for the compiled files")] = Path("pipelines/compiled"),
 ) -> None:
     """Compile the pipeline spec (upload it in the Kubeflow UI) and its Pipeline/PipelineVersion manifests."""
-    from teleguard.pipeline import compile_pipelines
+    from teleguard.pipeline.cluster import compile_pipelines
 
     for path in compile_pipelines(out):
         console.print(f"wrote {path}")
 
 
 def pipeline_or_exit(key: str) -> Any:
-    from teleguard.pipeline import pipeline_info
+    from teleguard.pipeline.registry import pipeline_info
 
     try:
         return pipeline_info(key)
@@ -52,7 +52,7 @@ def arguments_or_exit(
     args_file: Path | None, items: list[str] | None, pipeline: str = "safe-qaq"
 ) -> dict[str, Any]:
     """The checked pipeline arguments, or exit 2 naming the file (or --arg) and the parameter."""
-    from teleguard.pipeline_arguments import PipelineArgumentsError, load_arguments
+    from teleguard.pipeline.arguments import PipelineArgumentsError, load_arguments
     from teleguard.train.cli import parse_overrides
 
     try:
@@ -87,8 +87,8 @@ def run_command(
 ) -> None:
     """Run the whole pipeline locally (the main job on a machine without a cluster) and summarize it: one
     progress line per step, then the summary tables; each step's full log is kept under the run folder."""
-    from teleguard.pipeline import PipelineRunFailed, run_local
-    from teleguard.pipeline_summary import print_summary, summarize_run
+    from teleguard.pipeline.local import PipelineRunFailed, run_local
+    from teleguard.pipeline.summary import print_summary, summarize_run
 
     if not local:
         err_console.print("only --local runs here; `teleguard pipeline submit --host URL` runs on a cluster")
@@ -104,7 +104,7 @@ def run_command(
     summary = summarize_run(run_dir, info.steps(), arguments)
     print_summary(summary, title=info.title)
     if serve:
-        from teleguard.demo_serving import demo_from_run
+        from teleguard.pipeline.demo_serving import demo_from_run
 
         try:
             demo_from_run(summary, console=console)
@@ -139,7 +139,7 @@ def submit_command(
 ) -> None:
     """Upload the compiled pipeline (or a new version of it) and start a run. Token: KF_PIPELINES_TOKEN,
     else the kubeconfig's."""
-    from teleguard.pipeline import submit
+    from teleguard.pipeline.cluster import submit
 
     pipeline_or_exit(pipeline)
     arguments = arguments_or_exit(args_file, arg, pipeline)

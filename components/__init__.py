@@ -1,1 +1,0 @@
-"""Kubeflow Pipelines components: one per step, each a thin call into the teleguard library."""

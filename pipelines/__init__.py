@@ -1,1 +1,0 @@
-"""Kubeflow Pipelines definitions (compiled YAML in compiled/)."""

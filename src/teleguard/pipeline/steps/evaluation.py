@@ -84,6 +84,7 @@ def live_evaluation_step(
     replay's per-call results; returns {"metrics", "figures" (flat, for KFP and the gate), "baseline"}.
     A model served on audio is streamed the synthesized audio of `audio_calls` (the audio step's calls)."""
     from teleguard.data.dataset import CALLS_FILE, read_calls
+    from teleguard.engines.contract import EngineConfig
     from teleguard.evaluate.baseline import offline_figures, run_baseline
     from teleguard.evaluate.live import (
         live_figures,
@@ -94,7 +95,6 @@ def live_evaluation_step(
         write_results,
     )
     from teleguard.pipeline.demo_serving import pick_calls
-    from teleguard.engines.contract import EngineConfig
     from teleguard.serve.policy import DecisionPolicy
     from teleguard.serve.profile import apply_profile, describe
 

@@ -322,8 +322,8 @@ def build_tiny_model(
     """Write a random-initialised tiny ``arch`` model folder to ``out_dir`` and describe it.
 
     The same ``seed`` and corpus give identical weights and tokenizer. Attention heads are ``head_dim`` wide
-    (``hidden_size // head_dim`` of them, so ``hidden_size`` must be a multiple of it); vLLM's CPU build needs
-    ``head_dim >= 32``: ``build_tiny_model(out, arch, **VLLM_TINY_SIZE)``.
+    (``hidden_size // head_dim`` of them, so ``hidden_size`` must be a multiple of it); vLLM's CPU build runs
+    32, 64, 80, 96, 112, 128, ... wide heads, not 16: ``build_tiny_model(out, arch, **VLLM_TINY_SIZE)``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {', '.join(ARCHS)}")

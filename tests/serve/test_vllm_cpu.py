@@ -6,6 +6,7 @@ Qwen3 with 64-wide heads (`tiny_vllm_model`), built in the test session; nothing
   requests of different calls in the same engine steps (continuous batching) and reused cached prefixes.
 - rejection sampling and evaluation through the engine a recipe with `engine: vllm` builds give results of
   the same form as the transformers engine's (one loaded vLLM engine for both tests).
+- a tiny Qwen2-Audio answers clips through the serving engine.
 
 vLLM loads in about 30-50 s on two cores, so the server and the in-process engine each load once.
 """
@@ -23,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from teleguard.contract import Round
 from teleguard.data.records import CallLabels, CallRecord, Turn
 from teleguard.engines import SamplingParams, SwiftEngine, recipe_engine
+from teleguard.engines.contract import EngineConfig, EngineRequest, Generation
+from teleguard.engines.swift import SwiftServingEngine
 from teleguard.evaluate.metrics import evaluate_predictions
 from teleguard.evaluate.run import predict, read_eval_rows
 from teleguard.loopback import free_port
 from teleguard.serve.client import ReplayResult, replay_call, transcript_script
-from teleguard.tiny_models import TinyModel
+from teleguard.tiny_models import VLLM_TINY_SIZE, TinyModel, build_tiny_model
 from teleguard.train.config import Recipe
 from teleguard.train.sampling import generate_samples, read_rows, write_selection
 from tests.support.detector import TURNS
@@ -170,21 +175,26 @@ def test_rejection_sampling_through_vllm_reads_like_transformers(
 ) -> None:
     rows = read_rows(text_datasets / "train" / "grpo.jsonl", 4)
     params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=48, seed=0)
-    reports, unsolved = {}, {}
+    reports, written = {}, {}
     for kind, engine in engines.items():
         samples = generate_samples(engine, rows, params, batch_size=4)
         assert len(samples) == len(rows) and all(
             len(s) == 3 and all(isinstance(t, str) for t in s) for s in samples
         )
         reports[kind] = write_selection(rows, samples, tmp_path / kind)
-        lines = (tmp_path / kind / "unsolved.jsonl").read_text("utf-8").splitlines()
-        unsolved[kind] = [sorted(json.loads(line)) for line in lines]
+        # the fields of the kept rows and of the unsolved prompts' report lines
+        written[kind] = {
+            name: {
+                tuple(sorted(json.loads(line)))
+                for line in (tmp_path / kind / name).read_text("utf-8").splitlines()
+            }
+            for name in ("sft.jsonl", "unsolved.jsonl")
+        }
     assert shape(reports["vllm"]) == shape(reports["transformers"])
     assert reports["vllm"]["prompts"] == len(rows)
-    # the rows a random model cannot solve are reported with the same fields either way
-    assert {tuple(u) for u in unsolved["vllm"]} <= {
-        tuple(u) for u in unsolved["transformers"]
-    } or not unsolved["transformers"]
+    for name in ("sft.jsonl", "unsolved.jsonl"):
+        fields = written["vllm"][name] | written["transformers"][name]
+        assert len(fields) <= 1, fields  # one form per file, whichever engine sampled
 
 
 def test_evaluation_through_vllm_reads_like_transformers(
@@ -199,3 +209,33 @@ def test_evaluation_through_vllm_reads_like_transformers(
         assert {p.confidence_source for p in predictions} == {"tokens"}
         results[kind] = evaluate_predictions(predictions)
     assert shape(results["vllm"]) == shape(results["transformers"])
+
+
+# --- Qwen2-Audio --------------------------------------------------------------------------------------------
+
+
+def test_qwen2_audio_answers_clips_on_vllm_cpu(tiny_corpus: list[str], tmp_path: Path) -> None:
+    """vLLM's CPU build runs Qwen2-Audio (Whisper encoder and Qwen2) when its heads are 64 wide."""
+    model = build_tiny_model(tmp_path / "audio", "qwen2_audio", tiny_corpus, **VLLM_TINY_SIZE)
+    engine = SwiftServingEngine(EngineConfig(kind="vllm", device="cpu", model=str(model.path), max_tokens=8))
+    clip = np.random.default_rng(0).normal(0.0, 0.1, size=(2 * 16_000, 2)).astype(np.float32)
+    messages = [{"role": "user", "content": "<audio>听这段通话，判断是否诈骗。"}]
+    requests = [EngineRequest(f"a{i}", Round.FRAUD, messages, audios=(clip,), max_tokens=8) for i in range(2)]
+
+    async def ask() -> list[Generation]:
+        try:
+            return await engine.generate(requests)
+        finally:
+            await engine.aclose()
+
+    answers = asyncio.run(ask())
+    assert len(answers) == 2 and all(a.tokens and a.logprobs for a in answers)
+
+
+def test_heads_vllm_cpu_refuses_are_refused_before_it_starts(tiny_text_model: TinyModel) -> None:
+    from teleguard.engines.vllm_engine import check_cpu_head_size
+
+    with pytest.raises(
+        ValueError, match="heads 16 wide"
+    ):  # the default tiny size, which the CPU recipes train
+        check_cpu_head_size(tiny_text_model.path)

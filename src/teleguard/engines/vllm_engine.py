@@ -26,8 +26,10 @@ Explicit environment variables and `options` win over all of these.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from teleguard.engines.contract import EngineDevice
@@ -52,6 +54,34 @@ def on_cpu(device: EngineDevice) -> bool:
     return not torch.cuda.is_available()
 
 
+def check_cpu_head_size(model: str | Path) -> None:
+    """ValueError, before vLLM starts, for a model whose attention heads vLLM's CPU attention refuses.
+
+    vLLM would fail only in its engine process ("Unsupported CPU attention configuration: head_dim=16", the
+    default tiny models' width). Nothing to check without vLLM's CPU backend or a readable config.json.
+    """
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:
+        return
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text("utf-8"))
+    text = config.get("text_config") or config  # Qwen2-Audio: the language model's heads
+    heads = text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (
+        text["hidden_size"] // heads if heads and "hidden_size" in text else None
+    )
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ValueError(
+            f"{model}: attention heads {head_dim} wide, which vLLM's CPU build does not run (it runs "
+            f"{', '.join(map(str, supported))}); use the transformers engine, or a tiny model built with "
+            "teleguard.tiny_models.VLLM_TINY_SIZE (`teleguard tiny-model --hidden-size 128 --head-dim 64`)"
+        )
+
+
 def build_vllm_engine(
     model: str,
     *,
@@ -69,6 +99,7 @@ def build_vllm_engine(
         for name, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(name, value)  # read by vLLM when it builds the engine
         settings |= CPU_OPTIONS
+        check_cpu_head_size(model)
     options = dict(options or {})
     # ms-swift reads disable_log_stats out of engine_kwargs (default: off); the caller's engine_kwargs win
     settings["engine_kwargs"] = {"disable_log_stats": False, **(options.pop("engine_kwargs", None) or {})}

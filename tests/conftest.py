@@ -12,7 +12,7 @@ import pytest
 
 from teleguard.data.dataset import build_split
 from teleguard.data.ingest import ingest
-from teleguard.tiny_models import TinyModel, build_tiny_model, corpus_from_paths
+from teleguard.tiny_models import VLLM_TINY_SIZE, TinyModel, build_tiny_model, corpus_from_paths
 from tests.support.paths import TRANSCRIPTS_DIR
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODELSCOPE_OFFLINE")
@@ -52,6 +52,14 @@ def tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: list[str]) -> TinyModel:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: list[str]) -> TinyModel:
+    """A tiny Qwen3 vLLM's CPU build runs: heads 64 wide (its CPU attention refuses the default 16)."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-qwen3-vllm"), "qwen3", tiny_corpus, **VLLM_TINY_SIZE
+    )
 
 
 @pytest.fixture(scope="session")

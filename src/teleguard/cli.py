@@ -163,6 +163,10 @@ def tiny_model(
         list[Path] | None, typer.Option(help="text/JSONL files to train the tokenizer on")
     ] = None,
     vocab_size: Annotated[int, typer.Option(min=300)] = 2048,
+    hidden_size: Annotated[int, typer.Option(min=16)] = 64,
+    head_dim: Annotated[
+        int, typer.Option(min=16, help="attention head width; vLLM's CPU build runs 32, 64, 80, ... (not 16)")
+    ] = 16,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Build a random-initialised tiny Qwen model folder that ms-swift and transformers load, offline."""
@@ -173,7 +177,18 @@ def tiny_model(
     missing = [str(p) for p in corpus or [] if not p.exists()]
     if missing:
         _fail(f"corpus file(s) not found: {', '.join(missing)}")
-    model = build_tiny_model(out, arch, corpus_from_paths(corpus or []), vocab_size=vocab_size, seed=seed)
+    try:
+        model = build_tiny_model(
+            out,
+            arch,
+            corpus_from_paths(corpus or []),
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            head_dim=head_dim,
+            seed=seed,
+        )
+    except ValueError as err:
+        _fail(str(err))
     console.print(
         f"built {model.arch} at {model.path}\nms-swift: {' '.join(model.swift_args())}", highlight=False
     )

@@ -28,6 +28,13 @@ _SWIFT_NAMES: dict[str, tuple[str, str]] = {
     "qwen2_audio": ("qwen2_audio", "qwen2_audio"),
 }
 
+# Attention heads are this wide unless told otherwise: the size the CPU recipes and the main job train (and their
+# published figures) were measured with. vLLM's CPU attention refuses head_dim 16 ("Unsupported CPU attention
+# configuration: head_dim=16"); a model for vLLM is built with VLLM_TINY_SIZE (head_dim 64).
+DEFAULT_HEAD_DIM = 16
+# The smallest tiny size vLLM's CPU build runs: hidden 128 in 2 heads of 64.
+VLLM_TINY_SIZE: dict[str, int] = {"hidden_size": 128, "head_dim": 64}
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -225,9 +232,9 @@ def _build_tokenizer(arch: str, corpus: Iterable[str], vocab_size: int) -> Any:
 
 
 def _text_config_kwargs(
-    tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int, max_positions: int
+    tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int, max_positions: int, head_dim: int
 ) -> dict[str, Any]:
-    heads = max(1, hidden_size // 16)
+    heads = hidden_size // head_dim
     return {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -244,37 +251,61 @@ def _text_config_kwargs(
     }
 
 
-def _build_model(arch: str, tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int) -> Any:
+def _build_model(
+    arch: str, tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int, head_dim: int
+) -> Any:
     import transformers as tf
 
     if arch == "qwen3":
-        heads = max(1, hidden_size // 16)
         config = tf.Qwen3Config(
-            head_dim=hidden_size // heads,
-            **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096),
+            head_dim=head_dim,
+            **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096, head_dim),
         )
         return tf.Qwen3ForCausalLM(config)
     if arch == "qwen2":
         return tf.Qwen2ForCausalLM(
-            tf.Qwen2Config(**_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096))
+            tf.Qwen2Config(
+                **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096, head_dim)
+            )
         )
     # qwen2_audio: Whisper-like encoder over 30 s of 128-bin mel frames (1500 positions after the stride-2
     # conv, as in the real model, so the stock feature extractor's padding matches), a projector, Qwen2 LM.
     audio_config = tf.Qwen2AudioEncoderConfig(
         num_mel_bins=128,
         encoder_layers=num_layers,
-        encoder_attention_heads=max(1, hidden_size // 16),
+        encoder_attention_heads=hidden_size // head_dim,
         encoder_ffn_dim=hidden_size * 2,
         d_model=hidden_size,
         max_source_positions=1500,
     )
-    text_config = tf.Qwen2Config(**_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 8192))
+    text_config = tf.Qwen2Config(
+        **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 8192, head_dim)
+    )
     config = tf.Qwen2AudioConfig(
         audio_config=audio_config,
         text_config=text_config,
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     return tf.Qwen2AudioForConditionalGeneration(config)
+
+
+def _hub_layout(out_dir: Path) -> None:
+    """Rename a saved Qwen2-Audio's language-model weights to the layout of the hub's checkpoints.
+
+    transformers 5.19 writes them as ``language_model.model.model.*``; the hub's Qwen2-Audio (and what vLLM's
+    loader maps) is ``language_model.model.*``, which transformers reads as well. vLLM refused the former:
+    "There is no module or parameter named 'model' in Qwen2Model".
+    """
+    from safetensors.torch import load_file, save_file
+
+    for path in out_dir.glob("*.safetensors"):
+        weights = load_file(path)
+        renamed = {
+            k.replace("language_model.model.model.", "language_model.model.", 1): v
+            for k, v in weights.items()
+        }
+        if renamed.keys() != weights.keys():
+            save_file(renamed, path, metadata={"format": "pt"})
 
 
 def build_tiny_model(
@@ -285,17 +316,21 @@ def build_tiny_model(
     vocab_size: int = 2048,
     hidden_size: int = 64,
     num_layers: int = 2,
+    head_dim: int = DEFAULT_HEAD_DIM,
     seed: int = 0,
 ) -> TinyModel:
     """Write a random-initialised tiny ``arch`` model folder to ``out_dir`` and describe it.
 
-    The same ``seed`` and corpus give identical weights and tokenizer. ``hidden_size`` must be a multiple of 16
-    (attention heads are 16 wide).
+    The same ``seed`` and corpus give identical weights and tokenizer. Attention heads are ``head_dim`` wide
+    (``hidden_size // head_dim`` of them, so ``hidden_size`` must be a multiple of it); vLLM's CPU build runs
+    32, 64, 80, 96, 112, 128, ... wide heads, not 16: ``build_tiny_model(out, arch, **VLLM_TINY_SIZE)``.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny model arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    if hidden_size < 16 or hidden_size % 16:
-        raise ValueError(f"hidden_size must be a positive multiple of 16, got {hidden_size}")
+    if head_dim < 16 or head_dim % 16:
+        raise ValueError(f"head_dim must be a positive multiple of 16, got {head_dim}")
+    if hidden_size < head_dim or hidden_size % head_dim:
+        raise ValueError(f"hidden_size must be a positive multiple of head_dim={head_dim}, got {hidden_size}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
 
@@ -311,7 +346,7 @@ def build_tiny_model(
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = _build_model(arch, tokenizer, vocab_size, hidden_size, num_layers)
+        model = _build_model(arch, tokenizer, vocab_size, hidden_size, num_layers, head_dim)
     finally:
         torch.random.set_rng_state(rng_state)
     model = model.to(torch.float32).eval()
@@ -329,6 +364,8 @@ def build_tiny_model(
         max_new_tokens=256,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
+    if arch == "qwen2_audio":
+        _hub_layout(out_dir)
     tokenizer.save_pretrained(out_dir)
 
     if arch == "qwen2_audio":
@@ -351,6 +388,7 @@ def build_tiny_model(
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "num_layers": num_layers,
+        "head_dim": head_dim,
         "tokenizer_size": len(tokenizer),
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@ import torch
 from teleguard.tiny_models import (
     ARCHS,
     MARKER_FILE,
+    VLLM_TINY_SIZE,
     TinyModel,
     build_tiny_model,
     corpus_from_paths,
@@ -271,3 +272,34 @@ def test_corpus_from_paths_reads_txt_lines_and_nested_jsonl_strings(tmp_path: Pa
 
     got = list(corpus_from_paths([txt, jsonl, tmp_path / "c.csv"]))
     assert got == ["第一行", "第二行", "喂，您好", "请转账", "好的", "客服诈骗", "最里层"]
+
+
+def test_head_dim_is_an_option_and_the_default_size_is_unchanged(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    small = {"num_layers": 1, "vocab_size": 512}
+    default = AutoConfig.from_pretrained(build_tiny_model(tmp_path / "d", "qwen3", **small).path)
+    assert (default.hidden_size, default.num_attention_heads, default.head_dim) == (64, 4, 16)
+    # the size vLLM's CPU build runs (its attention refuses heads 16 wide)
+    for arch in ("qwen2", "qwen3"):
+        config = AutoConfig.from_pretrained(
+            build_tiny_model(tmp_path / arch, arch, **small, **VLLM_TINY_SIZE).path
+        )
+        heads = config.num_attention_heads
+        assert (config.hidden_size, heads, config.hidden_size // heads) == (128, 2, 64)
+    audio = AutoConfig.from_pretrained(
+        build_tiny_model(tmp_path / "a", "qwen2_audio", **small, **VLLM_TINY_SIZE).path
+    )
+    assert audio.text_config.num_attention_heads == 2 and audio.audio_config.encoder_attention_heads == 2
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        build_tiny_model(tmp_path / "bad", "qwen3", hidden_size=96, head_dim=64)
+
+
+def test_qwen2_audio_weights_are_in_the_hub_layout(tiny_audio_model: TinyModel) -> None:
+    from safetensors import safe_open
+
+    # as the hub's Qwen2-Audio checkpoints (vLLM's loader maps these; transformers 5 reads both)
+    with safe_open(tiny_audio_model.path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "language_model.model.embed_tokens.weight" in keys
+    assert not any(k.startswith("language_model.model.model.") for k in keys)

@@ -53,6 +53,8 @@ def test_the_vllm_engine_gets_the_lora_adapter(fake_vllm: type[FakeVllmEngine]) 
     SwiftEngine("/m", kind="vllm", model_type="qwen3")
     assert [b["adapters"] for b in fake_vllm.built] == [["/lora"], None]
     assert all("enable_lora" not in b for b in fake_vllm.built)  # ms-swift turns LoRA on for an adapter
+    # sampling's and evaluation's engine is built as the serving one: vLLM's async engine, prefix caching
+    assert all(b["use_async_engine"] and b["enable_prefix_caching"] for b in fake_vllm.built)
     with pytest.raises(ValueError, match="at most one adapter"):
         SwiftEngine("/m", kind="vllm", adapters=["/a", "/b"])
 
@@ -66,6 +68,7 @@ def test_the_vllm_serving_engine_asks_through_the_sampling_engine(fake_vllm: typ
         True,
         True,
     )
+    assert engine.batcher is None  # vLLM batches the requests of concurrent calls itself
     request = EngineRequest("c", Round.FRAUD, [{"role": "user", "content": "hi"}], max_tokens=16)
     [answer] = asyncio.run(engine.generate([request]))
     assert (answer.text, answer.tokens) == ("ok", 1)

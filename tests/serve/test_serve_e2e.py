@@ -504,8 +504,7 @@ def test_remote_engine_speaks_openai_chat_completions_with_audio_parts() -> None
 def test_engine_config_is_validated() -> None:
     with pytest.raises(ValueError, match="url"):
         EngineConfig(kind="remote", model="m")
-    with pytest.raises(ValueError, match="GPU"):
-        EngineConfig(kind="vllm", device="cpu", model="/m")
+    assert EngineConfig(kind="vllm", device="cpu", model="/m").device == "cpu"  # vLLM's CPU build
     with pytest.raises(ValueError, match="remote engine only"):
         EngineConfig(kind="transformers", url="http://x/v1")
 

@@ -81,7 +81,10 @@ def test_minimal_recipe_gets_the_safe_qaq_defaults(tmp_path: Path) -> None:
         ({"stages": {"grpo": {"use_vllm": False, "reward_funcs": ["accuracy"]}}}, "unknown reward_funcs"),
         ({"stages": {"grpo": {"use_vllm": True}}}, "stages.grpo.use_vllm needs a GPU"),
         ({"common": {"torch_dtype": "bfloat16"}}, "float32 when device is cpu"),
-        ({"evaluate": {"engine": "vllm"}}, "the vllm engine needs a GPU"),
+        (
+            {"model": {**MINIMAL["model"], "build_tiny": {"hidden_size": 64, "head_dim": 48}}},
+            "hidden_size must be a multiple of head_dim",
+        ),
         (
             {"stages": {"sample": {"engine": "transformers", "enabled": False}}},
             "enable sample or disable rsft",
@@ -104,6 +107,17 @@ def test_bad_recipes_are_rejected_naming_the_field(tmp_path: Path, change: dict,
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_cpu_recipe_may_sample_and_evaluate_with_vllm(tmp_path: Path) -> None:
+    # vLLM's CPU build runs the sampling and evaluation engine; only GRPO's colocated rollouts still need a GPU
+    body = {
+        **MINIMAL,
+        "stages": {**MINIMAL["stages"], "sample": {"engine": "vllm"}},
+        "evaluate": {"engine": "vllm"},
+    }
+    recipe = load_recipe(write(tmp_path, body))
+    assert (recipe.stages.sample.engine, recipe.evaluate.engine) == ("vllm", "vllm")
 
 
 def test_overrides_apply_before_validation(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
   `EngineRequest`/`Generation`/`Generate`), its errors and its configuration (`EngineConfig`, `CascadeConfig`,
   `EngineKind`);
 - `swift`: ms-swift's transformers and vLLM engines (`SwiftEngine` for sampling and evaluation,
-  `SwiftServingEngine` for the detector);
+  `SwiftServingEngine` for the detector); `vllm_engine.build_vllm_engine`: the one construction of ms-swift's
+  vLLM engine (GPU, or CPU with vLLM's CPU build) that both use;
 - `remote`: an OpenAI-compatible endpoint; `cascade`: a small engine first, a large one for its unsure answers;
 - `wrappers`: a deadline and micro-batching around any serving engine;
 - `factory.build_engine`: the serving engine a configuration names, importing only the backend it chooses.

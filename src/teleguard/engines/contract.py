@@ -28,6 +28,8 @@ from teleguard.contract.labels import Round
 # transformers / vllm: ms-swift's engines on a local model folder; remote: an OpenAI-compatible endpoint
 # (serving only: sampling and evaluation run a local model).
 EngineKind = Literal["transformers", "vllm", "remote"]
+# Where a local engine runs; auto: CUDA if present. vllm on cpu needs vLLM's CPU build (`make setup`).
+EngineDevice = Literal["auto", "cpu", "cuda"]
 
 
 # --- sampling and evaluation ---------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class EngineConfig(BaseModel):
     )
     template: str | None = None
     adapters: tuple[str, ...] = ()  # LoRA adapter folders (vllm: at most one, ms-swift's limit)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: EngineDevice = "auto"
     # remote: the API base URL (".../v1"); the API key is read from the environment variable named here.
     url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -204,8 +206,6 @@ class EngineConfig(BaseModel):
                 raise ValueError("a remote engine needs 'model' (the model name the endpoint serves)")
         elif self.url:
             raise ValueError(f"'url' is for the remote engine only, not {self.kind}")
-        if self.kind == "vllm" and self.device == "cpu":
-            raise ValueError("the vllm engine runs on a GPU: use the transformers engine on a CPU")
         if self.cascade is not None and self.cascade.large.timeout_s >= self.timeout_s:
             raise ValueError(
                 f"cascade.large.timeout_s ({self.cascade.large.timeout_s:g} s) must be shorter than timeout_s "

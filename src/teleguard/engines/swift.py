@@ -1,4 +1,4 @@
-"""ms-swift's inference engines (`TransformersEngine` on CPU or GPU, `VllmEngine` on GPU) for sampling,
+"""ms-swift's inference engines (`TransformersEngine` and `VllmEngine`, on CPU or GPU) for sampling,
 evaluation and serving, so generation applies the same chat template as training, audio included (the
 Qwen2-Audio plugin is imported first for audio models). ms-swift (and vLLM) are imported only when an engine
 of that kind is built.
@@ -13,9 +13,11 @@ detector uses (`teleguard.contract.confidence`). `infer` / `infer_async` hand ou
 - ``transformers``: inference blocks, so it runs on one worker thread; a `MicroBatcher` collects the requests
   of concurrent calls for up to `batch_wait_ms` (or `max_batch_size` requests) and runs them as one batched
   engine call: continuous batching as far as a transformers engine can.
-- ``vllm`` (GPU): vLLM's async engine; each request is handed to vLLM at once and vLLM batches them
-  continuously across calls, with prefix caching on (every call's rounds share the system prompt and the
-  call's transcript or audio).
+- ``vllm`` (GPU, or CPU with vLLM's CPU build): vLLM's async engine; each request is handed to vLLM at once
+  and vLLM batches them continuously across calls, with prefix caching on (every call's rounds share the
+  system prompt and the call's transcript or audio). No micro-batcher in front: it would only delay requests.
+  The engine is built by `teleguard.engines.vllm_engine.build_vllm_engine`, the construction sampling and
+  evaluation use too.
 
 Clips (`EngineRequest.audios`) are handed to ms-swift as in-memory WAV bytes (`teleguard.engines.audio`).
 Every answer carries the generated tokens' log-probabilities when `EngineConfig.logprobs` is on.
@@ -34,6 +36,7 @@ from teleguard.engines.audio import wav_bytes
 from teleguard.engines.contract import (
     Completion,
     EngineConfig,
+    EngineDevice,
     EngineFailure,
     EngineKind,
     EngineRequest,
@@ -59,6 +62,7 @@ class SwiftEngine:
         adapters: Sequence[str] = (),
         media_root: str | Path | None = None,
         max_batch_size: int = 16,
+        device: EngineDevice = "auto",  # vllm: where it runs (auto: CUDA if present)
         engine_options: dict[str, Any] | None = None,
     ) -> None:
         if media_root is not None:
@@ -79,21 +83,26 @@ class SwiftEngine:
                 **options,
             )
         elif kind == "vllm":
-            from swift.infer_engine import VllmEngine
+            from teleguard.engines.vllm_engine import build_vllm_engine
 
-            if len(adapters) > 1:  # ms-swift's vLLM engine serves one LoRA adapter (its default request)
-                raise ValueError(f"the vllm engine takes at most one adapter, got {len(adapters)}")
-            # ms-swift turns LoRA on and applies the adapter to every request it is not told otherwise
-            self._engine = VllmEngine(
+            self._engine = build_vllm_engine(
                 str(model),
                 model_type=model_type,
-                template_type=template,
-                adapters=list(adapters) or None,
-                **options,
+                template=template,
+                adapters=adapters,
+                device=device,
+                options=options,
             )
         else:
             raise ValueError(f"unknown engine kind {kind!r}; choose transformers or vllm")
         self.kind = kind
+
+    def close(self) -> None:
+        """Release the engine's model now (vLLM: stop its engine process); the engine answers no more."""
+        if self.kind == "vllm":
+            from teleguard.engines.vllm_engine import shutdown_vllm_engine
+
+            shutdown_vllm_engine(self._engine)
 
     def infer(self, requests: Sequence[Any], config: Any, *, use_tqdm: bool = False) -> list[Any]:
         """ms-swift's responses (choices with token usage and logprobs) to its `InferRequest`s under one
@@ -141,7 +150,9 @@ class SwiftEngine:
 def recipe_engine(
     recipe: Any, model: str | Path, datasets: Path, *, kind: EngineKind, batch_size: int
 ) -> SwiftEngine:
-    """The engine for a recipe's model family; audio rows resolve their clips against the dataset folder."""
+    """The engine for a recipe's model family; audio rows resolve their clips against the dataset folder.
+
+    kind vllm runs where the recipe says (a cpu recipe: vLLM's CPU build), built like the serving engine."""
     return SwiftEngine(
         model,
         kind=kind,
@@ -149,6 +160,7 @@ def recipe_engine(
         template=recipe.model.template,
         media_root=datasets if recipe.data.modality == "audio" else None,
         max_batch_size=batch_size,
+        device="cpu" if recipe.device == "cpu" else "auto",
     )
 
 
@@ -208,9 +220,6 @@ class SwiftServingEngine:
                 options.setdefault("torch_dtype", torch.float32)
             elif config.device == "cuda":
                 options.setdefault("device_map", "cuda")
-        else:
-            options.setdefault("use_async_engine", True)  # vLLM's continuous batching across calls
-            options.setdefault("enable_prefix_caching", True)
         self.swift = SwiftEngine(
             config.model,
             kind=config.kind,
@@ -218,8 +227,10 @@ class SwiftServingEngine:
             template=template,
             adapters=config.adapters,
             max_batch_size=config.max_batch_size,
+            device=config.device,
             engine_options=options,
         )
+        # vLLM batches continuously itself (build_vllm_engine's async engine); transformers needs the batcher
         self.batcher = (
             MicroBatcher(
                 self._infer_batch, max_batch_size=config.max_batch_size, wait_ms=config.batch_wait_ms
@@ -271,3 +282,4 @@ class SwiftServingEngine:
     async def aclose(self) -> None:
         if self.batcher is not None:
             await self.batcher.aclose()
+        self.swift.close()

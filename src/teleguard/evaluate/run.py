@@ -138,6 +138,9 @@ def evaluate_models(
             per_set[set_name] = evaluate_predictions(set_predictions, alert_threshold=alert_threshold)
         if per_set:
             results[name]["eval_sets"] = per_set
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()  # a vLLM engine's process and cache go now, not whenever the collector gets to them
         del engine  # the next model loads only after this one is released
     write_report(results, out_dir, title=title)
     return results

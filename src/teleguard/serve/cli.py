@@ -117,7 +117,9 @@ def serve_command(
         str | None, typer.Option(help="ms-swift model_type of a local model folder")
     ] = None,
     template: Annotated[str | None, typer.Option(help="ms-swift template of a local model folder")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (transformers engine)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda (transformers; vllm: cpu needs vLLM's CPU build)")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="tokens per answer")] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds per engine invocation before a 503")] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="requests per batched engine call")] = None,

@@ -170,6 +170,7 @@ class Runner:
             corpus,
             vocab_size=spec.vocab_size,
             hidden_size=spec.hidden_size,
+            head_dim=spec.head_dim,
             num_layers=spec.num_layers,
             seed=spec.seed,
         )

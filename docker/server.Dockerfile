@@ -6,12 +6,11 @@
 # Build from the repository root (server.Dockerfile.dockerignore keeps everything but the package out):
 #   docker build -f docker/server.Dockerfile -t ghcr.io/teleguard/teleguard-server:0.1.0 .
 #
-# Versions: kserve 0.21.0 with vllm 0.24.0 (docs/serving.md, "Versions"), ms-swift/transformers as pinned in
-# constraints.txt; the CPU torch pin of constraints.txt is dropped because vLLM's wheel pins its CUDA torch.
+# Versions: kserve 0.21.0 with vllm 0.32.0 (docs/serving.md, "Versions"), every pin from constraints.txt; vLLM
+# 0.32.0's GPU wheel pins torch 2.13.0 like constraints.txt, so pip takes PyPI's CUDA build of it here.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build
-ARG VLLM_VERSION=0.24.0
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
@@ -21,9 +20,8 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
-RUN grep -v '^torch==' constraints.txt > /tmp/constraints-gpu.txt \
-    && pip install --upgrade pip \
-    && pip install -c /tmp/constraints-gpu.txt "vllm==${VLLM_VERSION}" ".[training,serving]"
+RUN pip install --upgrade pip \
+    && pip install -c constraints.txt vllm ".[training,serving]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

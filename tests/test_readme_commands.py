@@ -12,7 +12,6 @@ are in `NOT_RUN` with the reason and what runs the same code instead.
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from teleguard.contract import Mode, Round, format_answer, load_prompts
 from teleguard.pipeline.registry import PIPELINES
 from teleguard.rewards import REWARDS
 from tests.support.fake_kfp import FakeKfpApi
-from tests.support.paths import REPO, TRANSCRIPTS_DIR
+from tests.support.paths import REPO, TRANSCRIPTS_DIR, sample_transcripts
 
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent  # where `teleguard` is installed, as on a user's PATH
@@ -38,6 +37,10 @@ LOCAL = "tests/pipeline/test_pipeline_local.py"
 
 # README command -> (the test that runs it, how it runs it)
 README_COMMANDS: dict[str, tuple[str, str]] = {
+    "make gpu-check DEVICE=cpu": (
+        "tests/bench/test_gpu_check.py::test_gpu_check_dry_run_on_cpu",
+        "the script the target runs (test_make_gpu_check_runs_the_script reads it from `make -n`), as a subprocess",
+    ),
     "make demo": (
         f"{LOCAL}::test_main_command_through_the_cli",
         "the command `make -n demo` prints, with the CI-sized recipes/safe-qaq/pipeline-ci.yaml, as a subprocess",
@@ -134,6 +137,10 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
 # README commands no test runs as a user would, why, and what runs the same code
 NOT_RUN: dict[str, str] = {
     "make test": "the test suite itself (CI runs it)",
+    "make gpu-check": (
+        "needs a GPU (CI has none); `make gpu-check DEVICE=cpu` runs the same script and code path in "
+        "tests/bench/test_gpu_check.py"
+    ),
     "teleguard train all --config recipes/safe-qaq/qwen2-audio-7b.yaml": (
         "Qwen2-Audio-7B on GPUs; the same Runner runs the CPU recipe's stages in tests/train/test_grpo_text.py, "
         "tests/train/test_train_stages.py (which runs `teleguard.cli train sft` as a subprocess) and the pipeline tests"
@@ -232,11 +239,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not TRANSCRIPTS_DIR.is_dir():
         pytest.skip("the shared TeleAntiFraud transcripts are not beside this checkout (../shared/data)")
     root = tmp_path_factory.mktemp("readme")
-    data = root / "shared" / "data" / TRANSCRIPTS_DIR.name
-    data.mkdir(parents=True)
-    for source in sorted(TRANSCRIPTS_DIR.glob("*.jsonl")):
-        with source.open(encoding="utf-8") as lines:
-            (data / source.name).write_text("".join(itertools.islice(lines, 30)), "utf-8")
+    sample_transcripts(root / "shared" / "data" / TRANSCRIPTS_DIR.name, 30)
     (root / "work").mkdir()
     return root / "work"
 

@@ -86,6 +86,7 @@ bench: setup
 	$(BIN)/python bench/bench_data.py --out docs/bench-data.json
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
+	$(BIN)/python bench/bench_grpo_rollouts.py --repeats 2 --out docs/bench-grpo-rollouts.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -88,6 +88,7 @@ bench: setup
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
 	$(BIN)/python bench/bench_engines.py --out docs/bench-engines.json
+	$(BIN)/python bench/bench_grpo_rollouts.py --repeats 2 --out docs/bench-grpo-rollouts.json
 
 # The GPU check (bench/gpu_check.sh, at most 10 minutes on one GPU: a Qwen2-Audio-7B architecture on vLLM with
 # dummy weights under live calls, GRPO steps with vLLM against transformers rollouts). DEVICE=cpu: its dry run.

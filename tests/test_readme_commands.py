@@ -304,7 +304,7 @@ def test_rewards_parse_prompts_and_plugins(checkout: Path) -> None:
     assert sh(optional(command, keep=True), checkout).strip() == expected_prompt.strip()
 
     plugins = dict(line.split(":", 1) for line in sh(readme("teleguard plugins"), checkout).splitlines())
-    assert set(plugins) == {"rewards", "qwen2-audio"}
+    assert set(plugins) == {"rewards", "qwen2-audio", "vllm-cpu"}
     assert all(Path(path.strip()).is_file() for path in plugins.values())
 
 

@@ -150,9 +150,12 @@ def prompts_show(
 @app.command()
 def plugins() -> None:
     """Paths of the ms-swift plugin files, for --external_plugins."""
-    from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
+    from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN, VLLM_CPU_PLUGIN
 
-    console.print(f"rewards:     {REWARD_PLUGIN}\nqwen2-audio: {QWEN2_AUDIO_PLUGIN}", highlight=False)
+    console.print(
+        f"rewards:     {REWARD_PLUGIN}\nqwen2-audio: {QWEN2_AUDIO_PLUGIN}\nvllm-cpu:    {VLLM_CPU_PLUGIN}",
+        highlight=False,
+    )
 
 
 @app.command("tiny-model")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from teleguard.offline import OFFLINE_ENV, swift_env
-from teleguard.train.swift import SwiftError, flags, latest_run_dir, run_swift
+from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN, VLLM_CPU_PLUGIN
+from teleguard.train.swift import SwiftError, flags, latest_run_dir, plugin_args, run_swift
 
 
 def test_flags_render_booleans_lists_and_paths() -> None:
@@ -15,6 +16,16 @@ def test_flags_render_booleans_lists_and_paths() -> None:
         {"use_vllm": False, "reward_funcs": ["a", "b"], "output_dir": Path("/x"), "seed": None, "lr": 3e-5}
     )
     assert argv == ["--use_vllm", "false", "--reward_funcs", "a", "b", "--output_dir", "/x", "--lr", "3e-05"]
+
+
+def test_plugins_are_one_flag_with_every_file_needed() -> None:
+    # one --external_plugins listing every file: argparse keeps only the last of repeated flags
+    assert plugin_args() == ["--external_plugins", str(REWARD_PLUGIN)]
+    assert plugin_args(audio=True, vllm_cpu=True) == [
+        "--external_plugins",
+        *map(str, (REWARD_PLUGIN, QWEN2_AUDIO_PLUGIN, VLLM_CPU_PLUGIN)),
+    ]
+    assert VLLM_CPU_PLUGIN.is_file()
 
 
 def test_env_is_offline() -> None:

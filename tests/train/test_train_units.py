@@ -79,7 +79,15 @@ def test_minimal_recipe_gets_the_safe_qaq_defaults(tmp_path: Path) -> None:
             "field 'stages.grpo.num_generations'",
         ),
         ({"stages": {"grpo": {"use_vllm": False, "reward_funcs": ["accuracy"]}}}, "unknown reward_funcs"),
-        ({"stages": {"grpo": {"use_vllm": True}}}, "stages.grpo.use_vllm needs a GPU"),
+        (
+            {"stages": {"grpo": {"use_vllm": True, "vllm": {"mode": "server"}}}},
+            "stages.grpo.vllm.mode server needs a GPU: ms-swift's rollout server receives the trained weights "
+            "over NCCL",
+        ),
+        (
+            {"stages": {"lcrl": {"use_vllm": True, "vllm": {"tensor_parallel_size": 2}}}},
+            "stages.lcrl.vllm.tensor_parallel_size must be 1 when device is cpu",
+        ),
         ({"common": {"torch_dtype": "bfloat16"}}, "float32 when device is cpu"),
         (
             {"model": {**MINIMAL["model"], "build_tiny": {"hidden_size": 64, "head_dim": 48}}},
@@ -109,15 +117,19 @@ def test_bad_recipes_are_rejected_naming_the_field(tmp_path: Path, change: dict,
     assert str(path) in str(err.value) and message in str(err.value)
 
 
-def test_a_cpu_recipe_may_sample_and_evaluate_with_vllm(tmp_path: Path) -> None:
-    # vLLM's CPU build runs the sampling and evaluation engine; only GRPO's colocated rollouts still need a GPU
+def test_a_cpu_recipe_may_sample_evaluate_and_roll_out_with_vllm(tmp_path: Path) -> None:
+    # vLLM's CPU build runs the sampling and evaluation engine and GRPO's colocated rollouts
     body = {
         **MINIMAL,
-        "stages": {**MINIMAL["stages"], "sample": {"engine": "vllm"}},
+        "stages": {**MINIMAL["stages"], "sample": {"engine": "vllm"}, "grpo": {"use_vllm": True}},
         "evaluate": {"engine": "vllm"},
     }
     recipe = load_recipe(write(tmp_path, body))
     assert (recipe.stages.sample.engine, recipe.evaluate.engine) == ("vllm", "vllm")
+    assert recipe.stages.grpo.use_vllm and recipe.stages.grpo.vllm.mode == "colocate"
+    # a stage switched off keeps its GPU settings
+    body["stages"]["lcrl"] = {"enabled": False, "use_vllm": True, "vllm": {"mode": "server"}}
+    assert load_recipe(write(tmp_path, body)).stages.lcrl.vllm.mode == "server"
 
 
 def test_overrides_apply_before_validation(tmp_path: Path) -> None:

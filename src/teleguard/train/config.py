@@ -191,10 +191,29 @@ class PpoStage(Schedule):
 
 
 class VllmRollout(_Config):
+    """GRPO's rollouts with vLLM (`use_vllm`). On a CPU (vLLM's CPU build): colocate mode, one engine per
+    training process, and a model whose attention heads vLLM's CPU build runs (64 wide, not 16; checked when
+    the stage starts); teleguard adds the plugin that syncs the trained weights into vLLM's CPU model
+    (`teleguard.plugins.swift_vllm_cpu`)."""
+
     mode: Literal["colocate", "server"] = "colocate"
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int | None = Field(default=None, ge=64)
     tensor_parallel_size: int = Field(default=1, ge=1)
+
+    def check_cpu(self, where: str) -> None:
+        """ValueError for settings vLLM's rollouts cannot have on a CPU."""
+        if self.mode == "server":
+            raise ValueError(
+                f"{where}.vllm.mode server needs a GPU: ms-swift's rollout server receives the trained weights "
+                "over NCCL (vLLM's PyNcclCommunicator), which a CPU does not have; use mode colocate when "
+                "device is cpu"
+            )
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"{where}.vllm.tensor_parallel_size must be 1 when device is cpu (colocated vLLM on the CPU "
+                "runs one engine per training process; tensor parallelism across CPU processes is untested)"
+            )
 
 
 class LocalJudge(_Config):
@@ -384,12 +403,12 @@ class Recipe(_Config):
             if self.common.deepspeed is not None:
                 raise ValueError("common.deepspeed needs GPUs: set it to null when device is cpu")
             for name in ("grpo", "lcrl", "realtime"):  # stages switched off may keep their GPU settings
-                if getattr(self.stages, name).use_vllm and getattr(self.stages, name).enabled:
-                    raise ValueError(
-                        f"stages.{name}.use_vllm needs a GPU: set it to false when device is cpu"
-                    )
-            # engine: vllm (sampling, evaluation, distillation) runs on a CPU too, with vLLM's CPU build
-            # (`make setup` installs it where there is no GPU) and a model whose heads it supports (64, not 16).
+                stage = getattr(self.stages, name)
+                if stage.use_vllm and stage.enabled:
+                    stage.vllm.check_cpu(f"stages.{name}")
+            # engine: vllm (sampling, evaluation, distillation) and GRPO's colocated vLLM rollouts run on a CPU
+            # too, with vLLM's CPU build (`make setup` installs it where there is no GPU) and a model whose
+            # heads it supports (64, not 16).
         s = self.stages
         if s.rsft.enabled and not s.sample.enabled:
             raise ValueError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -40,6 +41,9 @@ from teleguard.train.manifest import read_manifest, tree_sha256, write_manifest
 from teleguard.train.swift import CPU_OPTIONS, SwiftError, flags, plugin_args, run_swift
 
 TRAIN_DIR, MODEL_DIR = "train", "model"
+# GRPO's colocated vLLM rollouts on vLLM's CPU build: eager (compiling the graph costs a tiny model more start-up
+# than it saves); teleguard.plugins.swift_vllm_cpu (added by plugin_args) syncs the trained weights into it
+VLLM_CPU_ROLLOUT_OPTIONS: dict[str, Any] = {"vllm_enforce_eager": True}
 # a checkpoint's trainer state: needed to resume a stage, not to start the next one or to serve
 TRAINING_STATE = (
     "optimizer.pt",
@@ -378,7 +382,10 @@ class Runner:
             env["ROOT_IMAGE_DIR"] = str(
                 self.datasets()
             )  # audio clip paths are relative to the dataset folder
-        plugins = plugin_args(audio=self.recipe.model.model_type == "qwen2_audio")
+        plugins = plugin_args(
+            audio=self.recipe.model.model_type == "qwen2_audio",
+            vllm_cpu=self.recipe.device == "cpu" and bool(options.get("use_vllm")),
+        )
         while True:
             resume = latest_checkpoint(train_dir)
             if resume is not None:
@@ -518,15 +525,21 @@ class Runner:
             use_vllm=s.use_vllm,
             log_completions=True,
         )
+        environ: dict[str, str] = {}
         if s.use_vllm:
             options.update(
                 vllm_mode=s.vllm.mode,
                 vllm_gpu_memory_utilization=s.vllm.gpu_memory_utilization,
                 vllm_max_model_len=s.vllm.max_model_len,
                 vllm_tensor_parallel_size=s.vllm.tensor_parallel_size,
+                # rollout_correction/* in the log: how far vLLM's rollout log-probabilities are from the trained
+                # policy's (about 0 when the weight sync works; an engine left on old weights shows here)
+                log_rollout_offpolicy_metrics=True,
             )
+            if self.recipe.device == "cpu":
+                options.update(VLLM_CPU_ROLLOUT_OPTIONS)
+                environ.update(vllm_cpu_environment(model))
         options.update(s.extra)
-        environ: dict[str, str] = {}
         if "fraud_classifier" in s.reward_funcs:
             from teleguard.rewards.classifier import CLASSIFIER_ENV
 
@@ -682,6 +695,21 @@ def training_finished(train_dir: Path) -> bool:
     return log.is_file() and any('"train_runtime"' in line for line in log.read_text("utf-8").splitlines())
 
 
+def vllm_cpu_environment(model: Path) -> dict[str, str]:
+    """The variables a GRPO run with colocated vLLM on the CPU needs (the serving engine's CPU settings: no vLLM
+    plugins, a small KV cache, no thread pinning), those set in this process's environment left to it. A model
+    whose attention heads vLLM's CPU build does not run is refused here, before the trainer starts."""
+    from teleguard.engines.vllm_engine import CPU_ENVIRONMENT, check_cpu_head_size
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(
+            "use_vllm on a CPU needs vLLM's CPU build (`make setup` installs it where no GPU is present), "
+            "or set use_vllm to false for transformers rollouts"
+        )
+    check_cpu_head_size(model)
+    return {name: value for name, value in CPU_ENVIRONMENT.items() if name not in os.environ}
+
+
 def with_metrics(fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """A stage's manifest fields with more figures in its metrics (a worker node's fields have none: as they are)."""
     if "metrics" in fields and extra:
@@ -714,7 +742,11 @@ def train_metrics(train_dir: Path) -> dict[str, Any]:
     if steps:
         last = steps[-1]
         metrics.update(
-            {k: v for k, v in last.items() if k.startswith(("reward", "rewards/", "loss", "completions/"))}
+            {
+                k: v
+                for k, v in last.items()
+                if k.startswith(("reward", "rewards/", "loss", "completions/", "rollout_correction/"))
+            }
         )
         metrics["global_step"] = last.get("global_step/max_steps")
     return metrics

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from teleguard.offline import swift_env
-from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN
+from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN, VLLM_CPU_PLUGIN
 
 # What a CPU-only machine needs (fp32, no worker processes, no hub checks, no external loggers).
 CPU_OPTIONS: dict[str, object] = {
@@ -40,10 +40,15 @@ class SwiftError(RuntimeError):
     """An ms-swift command that failed; carries the tail of its log."""
 
 
-def plugin_args(audio: bool = False) -> list[str]:
-    """`--external_plugins` for teleguard's rewards (and the Qwen2-Audio fixes for audio models)."""
-    plugins = [str(REWARD_PLUGIN)] + ([str(QWEN2_AUDIO_PLUGIN)] if audio else [])
-    return ["--external_plugins", *plugins]
+def plugin_args(audio: bool = False, vllm_cpu: bool = False) -> list[str]:
+    """`--external_plugins` for teleguard's rewards, the Qwen2-Audio fixes for audio models, and the weight sync
+    into colocated vLLM for GRPO with vLLM rollouts on vLLM's CPU build."""
+    plugins = [REWARD_PLUGIN]
+    if audio:
+        plugins.append(QWEN2_AUDIO_PLUGIN)
+    if vllm_cpu:
+        plugins.append(VLLM_CPU_PLUGIN)
+    return ["--external_plugins", *map(str, plugins)]
 
 
 def run_swift(

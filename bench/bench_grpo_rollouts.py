@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,14 @@ CORPUS_LIMIT = 20_000  # enough transcript text for the tokenizer's Chinese merg
 OFF = {"enabled": False, "use_vllm": False}
 
 
-def build_inputs(data: Path, folder: Path) -> tuple[Any, Path]:
-    """The tiny model and a datasets folder with a train split of 24 calls (12 fraud, 12 normal)."""
+def build_inputs(data: Path, folder: Path, size: dict[str, int] = VLLM_TINY_SIZE) -> tuple[Any, Path]:
+    """The model (random weights, `size`) and a datasets folder with a train split of 24 calls (12 fraud,
+    12 normal)."""
     files = sorted(data.glob("*_dialogues-*.jsonl"))
     if not files:
         raise SystemExit(f"no TeleAntiFraud dialogues under {data} (--data)")
     corpus = list(itertools.islice(corpus_from_paths(files), CORPUS_LIMIT))
-    model = build_tiny_model(folder / "model", "qwen3", corpus, **VLLM_TINY_SIZE)
+    model = build_tiny_model(folder / "model", "qwen3", corpus, **size)
     calls, _ = ingest([files[0], files[-1]], "dialogues")
     fraud = [c for c in calls if c.labels.is_fraud][:12]
     normal = [c for c in calls if not c.labels.is_fraud][:12]
@@ -56,7 +58,17 @@ def build_inputs(data: Path, folder: Path) -> tuple[Any, Path]:
     return model, folder / "datasets"
 
 
-def recipe_file(path: Path, model: Any, datasets: Path, output_dir: Path, args: Any, use_vllm: bool) -> Path:
+@dataclass(frozen=True)
+class Settings:
+    steps: int = 6
+    generations: int = 4
+    completion_length: int = 64
+    device: str = "cpu"
+
+
+def recipe_file(
+    path: Path, model: Any, datasets: Path, output_dir: Path, args: Settings, use_vllm: bool
+) -> Path:
     grpo = {
         "learning_rate": 1e-4,
         "max_steps": args.steps,
@@ -68,11 +80,12 @@ def recipe_file(path: Path, model: Any, datasets: Path, output_dir: Path, args: 
     }
     body = {
         "name": "bench-grpo-rollouts",
-        "device": "cpu",
+        "device": args.device,
         "model": {"path": str(model.path), "model_type": model.model_type, "template": model.template},
         "data": {"datasets": str(datasets)},
         "output_dir": str(output_dir),
-        "common": {"tuner_type": "lora", "torch_dtype": "float32", "deepspeed": None, "max_length": 1024,
+        "common": {"tuner_type": "lora", "torch_dtype": "float32" if args.device == "cpu" else "bfloat16",
+                   "deepspeed": None, "max_length": 1024,
                    "save_steps": 1000, "logging_steps": 1, "dataloader_num_workers": 0,
                    "target_modules": ["all-linear"]},
         "stages": {"grpo": grpo, "sample": {"enabled": False, "engine": "transformers"},
@@ -83,7 +96,7 @@ def recipe_file(path: Path, model: Any, datasets: Path, output_dir: Path, args: 
     return path
 
 
-def run_variant(folder: Path, model: Any, datasets: Path, args: Any, use_vllm: bool) -> dict[str, Any]:
+def run_variant(folder: Path, model: Any, datasets: Path, args: Settings, use_vllm: bool) -> dict[str, Any]:
     name = "vllm" if use_vllm else "transformers"
     recipe = load_recipe(recipe_file(folder / f"{name}.yaml", model, datasets, folder / name, args, use_vllm))
     (result,) = Runner(recipe, log=lambda _: None).run_all()
@@ -109,6 +122,48 @@ def run_variant(folder: Path, model: Any, datasets: Path, args: Any, use_vllm: b
     return out
 
 
+def compare_rollouts(
+    folder: Path,
+    settings: Settings,
+    *,
+    data: Path = DEFAULT_DATA,
+    size: dict[str, int] = VLLM_TINY_SIZE,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """The grpo stage with transformers and with vLLM rollouts, alternating over `repeats`; the figures."""
+    model, datasets = build_inputs(data, folder, size)
+    runs: list[dict[str, Any]] = []
+    for repeat in range(repeats):
+        order = (False, True) if repeat % 2 == 0 else (True, False)
+        for use_vllm in order:
+            run_folder = folder / f"repeat{repeat}"
+            run_folder.mkdir(exist_ok=True)
+            runs.append({"repeat": repeat, **run_variant(run_folder, model, datasets, settings, use_vllm)})
+    medians = {
+        name: statistics.median(r["median_step_s_after_first"] for r in runs if r["rollouts"] == name)
+        for name in ("transformers", "vllm")
+    }
+    config = json.loads((model.path / "config.json").read_text("utf-8"))
+    return {
+        "model": (
+            f"Qwen3 with random weights (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+            f"heads {config['head_dim']} wide, vocab {config['vocab_size']}), LoRA (all linear), "
+            f"{'float32' if settings.device == 'cpu' else 'bfloat16'}"
+        ),
+        "settings": {
+            "device": settings.device,
+            "steps": settings.steps,
+            "prompts_per_step": 1,
+            "generations": settings.generations,
+            "max_completion_length": settings.completion_length,
+            "repeats": repeats,
+        },
+        "runs": runs,
+        "median_step_s": {k: round(v, 3) for k, v in medians.items()},
+        "vllm_over_transformers": round(medians["vllm"] / medians["transformers"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,32 +179,12 @@ def main() -> None:
         os.environ[name] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one OpenMP thread per trainer, as the tests run them
 
-    runs: list[dict[str, Any]] = []
+    settings = Settings(args.steps, args.generations, args.completion_length)
     with tempfile.TemporaryDirectory() as tmp:
-        model, datasets = build_inputs(args.data, Path(tmp))
-        for repeat in range(args.repeats):
-            order = (False, True) if repeat % 2 == 0 else (True, False)
-            for use_vllm in order:
-                folder = Path(tmp) / f"repeat{repeat}"
-                folder.mkdir(exist_ok=True)
-                runs.append({"repeat": repeat, **run_variant(folder, model, datasets, args, use_vllm)})
-    medians = {
-        name: statistics.median(r["median_step_s_after_first"] for r in runs if r["rollouts"] == name)
-        for name in ("transformers", "vllm")
-    }
+        compared = compare_rollouts(Path(tmp), settings, data=args.data, repeats=args.repeats)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only",
-        "model": "tiny Qwen3 (hidden 128, 2 layers, heads 64 wide, vocab 2048), LoRA (all linear), float32",
-        "settings": {
-            "steps": args.steps,
-            "prompts_per_step": 1,
-            "generations": args.generations,
-            "max_completion_length": args.completion_length,
-            "repeats": args.repeats,
-        },
-        "runs": runs,
-        "median_step_s": {k: round(v, 3) for k, v in medians.items()},
-        "vllm_over_transformers": round(medians["vllm"] / medians["transformers"], 2),
+        **compared,
     }
     print(json.dumps(results, indent=2, ensure_ascii=False))
     if args.out:

@@ -8,8 +8,8 @@
    as a user starts it. Live audio calls stream at real time (1-s chunks, a decision every 2 s of audio) at
    growing concurrency until the p99 decision latency passes 3 s; the result names the largest concurrency
    that kept it (every call with its verdict, p99 <= 3 s).
-2. One GRPO step with vLLM rollouts against one with transformers rollouts on a small model
-   (`bench/grpo_rollouts.py`), same settings, side by side.
+2. GRPO steps with vLLM rollouts (colocated) against transformers rollouts on a small Qwen3 with random
+   weights (`bench/bench_grpo_rollouts.py`), same settings, side by side: ms-swift's step time per step.
 
 Everything goes into one JSON result (`--out`), written after each part so a run cut short keeps what it
 measured. The dry run (`--device cpu`) runs the same code with the architecture at the tiny size vLLM's CPU
@@ -29,13 +29,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_grpo_rollouts import Settings, compare_rollouts
 from serving_load import audio_call, largest_within, run_level, sweep
 
 from teleguard.loopback import free_port
 from teleguard.serve.process import serving
-from teleguard.tiny_models import QWEN2_AUDIO_7B, QWEN2_AUDIO_VLLM_TINY, corpus_from_paths, write_architecture
+from teleguard.tiny_models import (
+    QWEN2_AUDIO_7B,
+    QWEN2_AUDIO_VLLM_TINY,
+    VLLM_TINY_SIZE,
+    corpus_from_paths,
+    write_architecture,
+)
 
 P99_LIMIT_S = 3.0
+# GRPO: a small Qwen3 with random weights on the GPU (about 150 M parameters); the tiny one on the CPU.
+GRPO_PLANS: dict[str, dict[str, Any]] = {
+    "cuda": {
+        "size": {"hidden_size": 1024, "num_layers": 12, "head_dim": 128},
+        "settings": Settings(steps=4, generations=8, completion_length=256, device="cuda"),
+    },
+    "cpu": {"size": VLLM_TINY_SIZE, "settings": Settings(steps=2, generations=2, completion_length=16)},
+}
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "teleantifraud-dialogues"
 # Per device: the model's shape, the concurrency levels, the call length and pace, vLLM's own settings.
 PLANS: dict[str, dict[str, Any]] = {
@@ -162,6 +177,13 @@ def check_serving(device: str, workdir: Path, data: Path, deadline: float) -> di
     return result
 
 
+def check_grpo(device: str, folder: Path, data: Path) -> dict[str, Any]:
+    """One GRPO stage with transformers rollouts and one with colocated vLLM rollouts, same settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = GRPO_PLANS[device]
+    return compare_rollouts(folder, plan["settings"], data=data, size=plan["size"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,9 +208,7 @@ def main() -> None:
             result["serving"] = check_serving(args.device, workdir, args.data, deadline)
             write()
             if not args.skip_grpo:
-                from grpo_rollouts import compare_rollouts
-
-                result["grpo"] = compare_rollouts(args.device, workdir / "grpo", deadline=deadline)
+                result["grpo"] = check_grpo(args.device, workdir / "grpo", args.data)
             result["ok"] = True
         except Exception as err:
             result["error"] = f"{type(err).__name__}: {err}"

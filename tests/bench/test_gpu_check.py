@@ -77,3 +77,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         )
     largest_within = bench_module("serving_load").largest_within
     assert serving["largest_concurrency_within_p99"] == largest_within(levels, serving["p99_limit_s"])
+    # GRPO: the same stage with transformers rollouts and with colocated vLLM rollouts, each step timed
+    grpo = result["grpo"]
+    assert sorted(r["rollouts"] for r in grpo["runs"]) == ["transformers", "vllm"]
+    for run in grpo["runs"]:
+        assert run["steps"] == grpo["settings"]["steps"] == 2 and all(s > 0 for s in run["step_s"])
+    assert grpo["median_step_s"]["vllm"] > 0 and grpo["vllm_over_transformers"] > 0
+    [vllm_run] = [r for r in grpo["runs"] if r["rollouts"] == "vllm"]
+    # vLLM generated with the trained policy's weights (synced before each rollout)
+    assert vllm_run["rollout_log_ppl_abs_diff"] is not None and vllm_run["rollout_log_ppl_abs_diff"] < 1e-3

@@ -260,6 +260,7 @@ class Detector:
         self._idle: asyncio.Event | None = None
         self._draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._checked_at = -1.0  # when the store last answered a readiness check
 
     @property
     def registry(self) -> CallRegistry:
@@ -291,8 +292,7 @@ class Detector:
             await asyncio.sleep(interval)
             try:
                 await self.expire()
-                if self.store.shared:
-                    self.metrics.carried_calls(await self.store.refresh())
+                await self.count_carried()
             except StoreUnavailable as err:
                 self._store_failed(err)
             except Exception:  # the sweeper must outlive a bug in one call's verdict
@@ -302,11 +302,17 @@ class Detector:
         """Whether requests can be served now: with a shared store, whether it answers."""
         if self._draining:
             return False
+        if not self.store.shared:
+            return True
+        # KServe asks on every V1/V2 request too: a recent answer stands for a moment
+        if time.monotonic() - self._checked_at < 0.5:
+            return True
         try:
             await self.store.check()
         except StoreUnavailable as err:
             self._store_failed(err)
             return False
+        self._checked_at = time.monotonic()
         return True
 
     @property
@@ -392,6 +398,12 @@ class Detector:
             seq=seq,
             accepted=accepted,
         )
+
+    async def count_carried(self) -> int:
+        """Count again the calls this replica carries (others may have taken some over) into the gauge."""
+        carried = await self.store.refresh()
+        self._track()
+        return carried
 
     def _track(self) -> None:
         """With a shared store, the active-calls gauge is the calls this replica carries."""
@@ -575,22 +587,23 @@ class Detector:
     async def _decide(self, view: CallSession, seq: int, *, new: bool) -> list[Decision]:
         """The decisions a chunk gets: a new one is evaluated when the policy says so and the call is free; a
         retry of the latest chunk evaluates what an engine failure left unevaluated; an older retry repeats the
-        decisions made on it. A retry that finds an evaluation in flight waits for it."""
+        decisions made on it. A request that finds its own chunk being evaluated (a retry, or the same chunk
+        racing on two replicas) waits for that evaluation and answers with its decisions."""
         latest = seq == view.next_seq - 1
+        waited = not new and view.evaluating
+        if not waited and not ((new or latest) and self.policy.due(view) is not None):
+            return [] if new else view.decisions_for(seq)
         try:
-            if not new and view.evaluating:
-                lease = await self.store.wait_lease(view.call_id, self.config.busy_seconds)
-            elif (new or latest) and self.policy.due(view) is not None:
-                lease = await self.store.lease(view.call_id)
-            else:
-                return [] if new else view.decisions_for(seq)
+            lease = None if waited else await self.store.lease(view.call_id, seq)
+            if lease is None and (not new or await self.store.holder(view.call_id) == seq):
+                lease, waited = await self.store.wait_lease(view.call_id, self.config.busy_seconds, seq), True
         except StoreUnavailable as err:
             raise self._store_failed(err, view.call_id, seq, True) from None
         if lease is None:  # another evaluation has the call: what is new is evaluated at the next point
-            return [] if new else view.decisions_for(seq)
+            return view.decisions_for(seq) if waited else []
         async with self._holding(lease):
             try:
-                session = await self.store.get(view.call_id, audio=True)
+                session = await self.store.get(view.call_id, audio=True, lease=lease)
             except (RequestError, StoreUnavailable) as err:
                 await self._release(lease)
                 if isinstance(err, StoreUnavailable):
@@ -598,7 +611,7 @@ class Detector:
                 return []  # closed meanwhile: the close evaluated what was there
             if not (new or latest) or self.policy.due(session) is None:
                 await self._release(lease)
-                return [] if new else session.decisions_for(seq)
+                return session.decisions_for(seq) if waited or not new else []
             before, alerts_before = len(session.decisions), session.alerts
             start = time.perf_counter()
             try:
@@ -611,7 +624,7 @@ class Detector:
                 raise self._unavailable(err, session, seq, True) from None
             await self._commit(lease, session, before, seq=seq)
         self._record(session, decisions, time.perf_counter() - start, alerts_before)
-        return decisions if new or decisions else session.decisions_for(seq)
+        return decisions or session.decisions_for(seq)
 
     async def resume(self, data: ResumeCall | dict[str, Any] | str | bytes) -> ResumeResult:
         """Where a call stands (any replica can say, with a shared store): its last chunk taken, and the verdict
@@ -654,7 +667,7 @@ class Detector:
                 )
             async with self._holding(lease):
                 try:
-                    session = await self.store.get(request.call_id, open_only=False, audio=True)
+                    session = await self.store.get(request.call_id, open_only=False, audio=True, lease=lease)
                 except (RequestError, StoreUnavailable) as err:
                     await self._release(lease)
                     if isinstance(err, StoreUnavailable):
@@ -691,7 +704,7 @@ class Detector:
             if lease is None:  # being evaluated: not idle
                 continue
             try:
-                session = await self.store.get(call_id, open_only=False)
+                session = await self.store.get(call_id, open_only=False, lease=lease)
             except RequestError:
                 await self._release(lease)
                 continue

@@ -55,7 +55,15 @@ from teleguard.serve.session import (
     render_segment,
     unknown_error,
 )
-from teleguard.serve.store import Lease, Receipt, SessionStore, StoreConfig, StoreUnavailable, redact
+from teleguard.serve.store import (
+    Lease,
+    Receipt,
+    SessionStore,
+    StoreConfig,
+    StoreUnavailable,
+    lease_seq,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +185,10 @@ if #state == 0 then return {} end
 local audio = {}
 if ARGV[4] == '1' then audio = redis.call('LRANGE', KEYS[2], 0, -1) end
 return {state, redis.call('LRANGE', KEYS[4], 0, -1), redis.call('LRANGE', KEYS[7], 0, -1),
-  redis.call('EXISTS', KEYS[8]), audio}
+  redis.call('GET', KEYS[8]) or '', audio}
 """
 
-# ARGV 4 lease token, 5 "save", "close" or "expire", 6 PolicyState JSON, 7 verdict JSON, 8 a closed call's
+# ARGV 4 lease value, 5 "save", "close" or "expire", 6 PolicyState JSON, 7 verdict JSON, 8 a closed call's
 # keys' time to live (ms), 9 idle time that lets a call expire (ms), 10 decision count, then each decision.
 _COMMIT = (
     _COMMON
@@ -457,36 +465,41 @@ class RedisStore(SessionStore):
         session = self._session(chunk.call_id, _pairs(state), lines, decisions, bool(leased), None)
         return Receipt(status == "new", session)
 
-    async def get(self, call_id: str, *, open_only: bool = True, audio: bool = False) -> CallSession:
+    async def get(
+        self, call_id: str, *, open_only: bool = True, audio: bool = False, lease: Lease | None = None
+    ) -> CallSession:
         answer = await self._script("reading a call", self._load, call_id, "1" if audio else "0")
         if not answer:
             raise unknown_error(call_id)
-        state, lines, decisions, leased, blocks = answer
-        session = self._session(
-            call_id, _pairs(state), lines, decisions, bool(leased), blocks if audio else None
-        )
+        state, lines, decisions, held, blocks = answer
+        others = bool(held) and (lease is None or _text(held) != lease.value)
+        session = self._session(call_id, _pairs(state), lines, decisions, others, blocks if audio else None)
         if open_only and session.closed:
             raise RequestError("closed_call", f"call {call_id} is closed", field="call_id")
         return session
 
-    async def lease(self, call_id: str) -> Lease | None:
-        lease = Lease(call_id)
+    async def lease(self, call_id: str, seq: int | None = None) -> Lease | None:
+        lease = Lease(call_id, seq)
         key = self.keys(call_id)[7]
         taken = await self._call(
-            "holding a call", lambda: self.redis.set(key, lease.token, nx=True, px=self.lease_ms)
+            "holding a call", lambda: self.redis.set(key, lease.value, nx=True, px=self.lease_ms)
         )
         return lease if taken else None
+
+    async def holder(self, call_id: str) -> int | None:
+        key = self.keys(call_id)[7]
+        return lease_seq(_text(await self._call("reading a lease", lambda: self.redis.get(key))))
 
     async def renew(self, lease: Lease) -> bool:
         key = self.keys(lease.call_id)[7]
         done = await self._call(
-            "renewing a lease", lambda: self._renew(keys=[key], args=[lease.token, self.lease_ms])
+            "renewing a lease", lambda: self._renew(keys=[key], args=[lease.value, self.lease_ms])
         )
         return bool(done)
 
     async def release(self, lease: Lease) -> None:
         key = self.keys(lease.call_id)[7]
-        await self._call("releasing a lease", lambda: self._release(keys=[key], args=[lease.token]))
+        await self._call("releasing a lease", lambda: self._release(keys=[key], args=[lease.value]))
 
     async def commit(
         self,
@@ -503,7 +516,7 @@ class RedisStore(SessionStore):
             "storing an evaluation",
             self._commit,
             lease.call_id,
-            lease.token,
+            lease.value,
             mode,
             session.policy_state().model_dump_json(),
             "" if verdict is None else verdict.model_dump_json(),

@@ -56,10 +56,22 @@ class StoreUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Lease:
-    """The right to evaluate, close or expire one call until released (or, in a shared store, lapsed)."""
+    """The right to evaluate, close or expire one call until released (or, in a shared store, lapsed); `seq`
+    is the chunk it evaluates (None: a close or an expiry), so that a request for that chunk waits for it."""
 
     call_id: str
+    seq: int | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def value(self) -> str:
+        return f"{self.token}:{'' if self.seq is None else self.seq}"
+
+
+def lease_seq(value: str | None) -> int | None:
+    """The chunk a stored lease value evaluates."""
+    tail = (value or "").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -124,20 +136,27 @@ class SessionStore(ABC):
         step. RequestError as a session's `receive` raises them."""
 
     @abstractmethod
-    async def get(self, call_id: str, *, open_only: bool = True, audio: bool = False) -> CallSession:
+    async def get(
+        self, call_id: str, *, open_only: bool = True, audio: bool = False, lease: Lease | None = None
+    ) -> CallSession:
         """The call (`unknown_call`; `closed_call` when closed and `open_only`). Without `audio`, a shared
-        store's copy knows how much audio is held but not the samples (enough for the policy's `due`)."""
+        store's copy knows how much audio is held but not the samples (enough for the policy's `due`). Its
+        `evaluating` says whether an evaluation other than `lease`'s holds the call."""
 
     @abstractmethod
-    async def lease(self, call_id: str) -> Lease | None:
-        """Hold the call, or None when another evaluation holds it."""
+    async def lease(self, call_id: str, seq: int | None = None) -> Lease | None:
+        """Hold the call (to evaluate chunk `seq`), or None when another evaluation holds it."""
 
-    async def wait_lease(self, call_id: str, timeout: float) -> Lease | None:
+    @abstractmethod
+    async def holder(self, call_id: str) -> int | None:
+        """The chunk the evaluation holding the call evaluates (None: none, or a close)."""
+
+    async def wait_lease(self, call_id: str, timeout: float, seq: int | None = None) -> Lease | None:
         """Hold the call once the evaluation holding it is done (or its lease lapsed), up to `timeout` s."""
         deadline = time.monotonic() + timeout
         pause = 0.005
         while True:
-            lease = await self.lease(call_id)
+            lease = await self.lease(call_id, seq)
             if lease is not None or time.monotonic() >= deadline:
                 return lease
             await asyncio.sleep(pause)
@@ -217,14 +236,20 @@ class MemoryStore(SessionStore):
         session = self.registry.get(chunk.call_id)
         return Receipt(session.receive(chunk), session)
 
-    async def get(self, call_id: str, *, open_only: bool = True, audio: bool = False) -> CallSession:
+    async def get(
+        self, call_id: str, *, open_only: bool = True, audio: bool = False, lease: Lease | None = None
+    ) -> CallSession:
         return self.registry.get(call_id, open_only=open_only)
 
-    async def lease(self, call_id: str) -> Lease | None:
+    async def lease(self, call_id: str, seq: int | None = None) -> Lease | None:
         if call_id in self._leases:
             return None
-        self._leases[call_id] = lease = Lease(call_id)
+        self._leases[call_id] = lease = Lease(call_id, seq)
         return lease
+
+    async def holder(self, call_id: str) -> int | None:
+        held = self._leases.get(call_id)
+        return None if held is None else held.seq
 
     async def renew(self, lease: Lease) -> bool:
         return self._leases.get(lease.call_id) is lease

@@ -20,13 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from teleguard.loopback import free_port
 from teleguard.serve.chunks import ChunkLimits, parse_chunk
-from teleguard.serve.detector import Detector, DetectorConfig, Unavailable
+from teleguard.serve.detector import Detector, DetectorConfig, Unavailable, build_store
 from teleguard.serve.metrics import DetectorMetrics
 from teleguard.serve.policy import DecisionPolicy
 from teleguard.serve.protocol import Chunk, Decision, OpenCall, RequestError, Round
 from teleguard.serve.redis_store import decode_block, encode_block
 from teleguard.serve.session import CallSession, PolicyState, SessionLimits
-from teleguard.serve.store import SessionStore, StoreConfig, build_store
+from teleguard.serve.store import SessionStore, StoreConfig
 from tests.support.detector import ScriptedEngine, b64, pcm16, segments
 from tests.support.redis_server import RedisServer
 

@@ -71,7 +71,7 @@ from teleguard.serve.protocol import (
     Verdict,
     parse_message,
 )
-from teleguard.serve.session import CallRegistry, CallSession, SessionLimits
+from teleguard.serve.session import CallRegistry, CallSession, Clock, SessionLimits
 from teleguard.serve.store import (
     MEMORY,
     Lease,
@@ -79,7 +79,6 @@ from teleguard.serve.store import (
     SessionStore,
     StoreConfig,
     StoreUnavailable,
-    build_store,
     valid_store_url,
 )
 
@@ -148,6 +147,33 @@ class DetectorConfig(BaseModel):
     def busy_seconds(self) -> float:
         """How long a request waits for an evaluation of its call in flight (three rounds, each timed out)."""
         return self.engine_timeout_s * 4 + self.store.lease_seconds + 1
+
+
+def build_store(
+    url: str,
+    config: StoreConfig,
+    *,
+    max_calls: int,
+    ttl_seconds: float,
+    limits: SessionLimits,
+    chunk_limits: ChunkLimits,
+    clock: Clock = time.monotonic,
+) -> SessionStore:
+    """The store a `detector.session_store` value names: "memory", or a Redis URL."""
+    if url == MEMORY:
+        return MemoryStore(
+            max_calls=max_calls,
+            ttl_seconds=ttl_seconds,
+            limits=limits,
+            chunk_limits=chunk_limits,
+            clock=clock,
+        )
+    valid_store_url(url)
+    from teleguard.serve.redis_store import RedisStore  # redis-py only where a Redis store is asked for
+
+    return RedisStore(
+        url, config, max_calls=max_calls, ttl_seconds=ttl_seconds, limits=limits, chunk_limits=chunk_limits
+    )
 
 
 @dataclass(frozen=True)

@@ -293,30 +293,3 @@ class MemoryStore(SessionStore):
     async def refresh(self) -> int:
         self.carried = len(self.registry)
         return self.carried
-
-
-def build_store(
-    url: str,
-    config: StoreConfig,
-    *,
-    max_calls: int,
-    ttl_seconds: float,
-    limits: SessionLimits,
-    chunk_limits: ChunkLimits,
-    clock: Clock = time.monotonic,
-) -> SessionStore:
-    """The store a `detector.session_store` value names: "memory", or a Redis URL."""
-    if url == MEMORY:
-        return MemoryStore(
-            max_calls=max_calls,
-            ttl_seconds=ttl_seconds,
-            limits=limits,
-            chunk_limits=chunk_limits,
-            clock=clock,
-        )
-    valid_store_url(url)
-    from teleguard.serve.redis_store import RedisStore  # redis-py only where a Redis store is asked for
-
-    return RedisStore(
-        url, config, max_calls=max_calls, ttl_seconds=ttl_seconds, limits=limits, chunk_limits=chunk_limits
-    )

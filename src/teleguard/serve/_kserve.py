@@ -16,7 +16,9 @@ try:
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
-    from kserve.protocol.rest.server import RESTServer
+    from kserve.protocol.rest.server import RESTServer, metrics_handler
+    from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
+    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 finally:
     sys.argv = _argv
 
@@ -30,4 +32,7 @@ __all__ = [
     "ModelRepository",
     "ModelRepositoryExtension",
     "RESTServer",
+    "metrics_handler",
+    "register_v1_endpoints",
+    "register_v2_endpoints",
 ]

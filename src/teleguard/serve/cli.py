@@ -133,6 +133,15 @@ def serve_command(
     ] = None,
     max_calls: Annotated[int | None, typer.Option(help="open calls at most (429 beyond)")] = None,
     ttl: Annotated[float | None, typer.Option(help="seconds before an idle call expires")] = None,
+    session_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TELEGUARD_SESSION_STORE",
+            show_envvar=True,
+            help="where live calls are kept: memory (this process; one replica) or redis://host:port/db, "
+            "shared by every replica (a password in the URL: pass it through the environment variable)",
+        ),
+    ] = None,
     escalate_url: Annotated[
         str | None,
         typer.Option(
@@ -211,6 +220,7 @@ def serve_command(
         "policy.every_seconds": every_seconds,
         "detector.max_calls": max_calls,
         "detector.ttl_seconds": ttl,
+        "detector.session_store": session_store,
         "detector.engine_timeout_s": timeout,
         **cascade,
     }
@@ -218,10 +228,13 @@ def serve_command(
         serve_config = load_serve_config(config, overrides)
     except ServeConfigError as err:
         _fail(str(err))
+    from teleguard.serve.store import redact
+
     server = build_server(serve_config)
     err_console.print(
         f"teleguard detector '{serve_config.name}' on http://{serve_config.host}:{serve_config.port} "
-        f"({serve_config.engine.kind} engine); ready once the model has loaded",
+        f"({serve_config.engine.kind} engine, calls kept in {redact(serve_config.detector.session_store)}); "
+        "ready once the model has loaded",
         highlight=False,
     )
     asyncio.run(server.serve())

@@ -17,7 +17,11 @@ Conventions the server must follow for the rules to mean what they say:
 - `model_call` once per engine invocation, failed ones included, and `engine_error` as well for a failed one,
   so that engine errors / model calls is an error ratio.
 - `call_opened` once per call and `call_closed` exactly once per opened call (expired calls too, with
-  `expired=True`), so that the active-calls gauge returns to zero and every call gets one verdict.
+  `expired=True`), so that the active-calls gauge returns to zero and every call gets one verdict. With a
+  shared session store a call may open on one replica and close on another: the replica that closes it counts
+  the verdict (the store's close is atomic, so once), and the gauge is set from the calls each replica
+  carries (`carried_calls`), so that its sum over replicas is still the number of open calls.
+- `store_error` once per failed session store operation.
 - a confidence cascade (`teleguard.engines.cascade`) counts per request (one round's answer), not per engine
   invocation: `cascade_decision` once for every request it answers (by the engine whose answer was used),
   `cascade_escalation` once for every request it sent to the large engine (by why), and
@@ -241,6 +245,13 @@ class DetectorMetrics:
         self.calls_expired = Counter(
             f"{PREFIX}calls_expired", "Calls closed by the server because they went idle.", registry=reg
         )
+        self.store_errors = Counter(
+            f"{PREFIX}store_errors",
+            "Session store operations that failed, by kind (timeout, error); each answered 503 store_unavailable "
+            "or made the server unready.",
+            ["kind"],
+            registry=reg,
+        )
         self.cascade_escalations = Counter(
             f"{PREFIX}cascade_escalations",
             "Requests a confidence cascade sent to its large engine, by reason "
@@ -267,6 +278,7 @@ class DetectorMetrics:
             self.calls_completed.labels(verdict=verdict.value)
         for kind in EngineErrorKind:
             self.engine_errors.labels(kind=kind.value)
+            self.store_errors.labels(kind=kind.value)
         for reason in REJECT_REASONS:
             self.rejected_requests.labels(reason=reason)
         for fraud_type in FRAUD_TYPE_VALUES:
@@ -318,20 +330,40 @@ class DetectorMetrics:
         """A call's first fraud alert; its fraud type is "none" when round 3 has not named one yet."""
         self.alerts.labels(fraud_type=fraud_type_value(fraud_type)).inc()
 
-    def call_opened(self) -> None:
-        self.active_calls.inc()
+    def call_opened(self, *, active: bool = True) -> None:
+        """A call opened; `active=False` where the gauge is set from a shared store instead (`carried_calls`)."""
+        if active:
+            self.active_calls.inc()
 
     def call_closed(
-        self, verdict: Verdict | str, time_to_detection: float | None = None, *, expired: bool = False
+        self,
+        verdict: Verdict | str,
+        time_to_detection: float | None = None,
+        *,
+        expired: bool = False,
+        active: bool = True,
     ) -> None:
         """A call ended with its verdict; `time_to_detection` is observed for fraud verdicts only."""
         value = Verdict(verdict)  # a verdict outside the three is a bug in the caller: fail loudly
-        self.active_calls.dec()
+        if active:
+            self.active_calls.dec()
         self.calls_completed.labels(verdict=value.value).inc()
         if expired:
             self.calls_expired.inc()
         if value is Verdict.FRAUD and time_to_detection is not None:
             self.time_to_detection.observe(time_to_detection)
+
+    def carried_calls(self, count: int) -> None:
+        """With a shared store: the open calls this replica carries (whose last request it served), so that
+        the sum over replicas is the number of open calls."""
+        self.active_calls.set(count)
+
+    def store_error(self, kind: EngineErrorKind | str) -> None:
+        """A failed session store operation (unknown kinds count as "error")."""
+        value = str(kind)
+        if value not in _ENGINE_ERROR_KINDS:
+            value = EngineErrorKind.ERROR.value
+        self.store_errors.labels(kind=value).inc()
 
     def rejected(self, reason: str) -> None:
         self.rejected_requests.labels(reason=reject_reason(reason)).inc()
@@ -366,6 +398,7 @@ class DetectorMetrics:
             self.rejected_requests,
             self.chunks,
             self.calls_expired,
+            self.store_errors,
             self.cascade_escalations,
             self.cascade_decisions,
             self.cascade_escalation_failures,

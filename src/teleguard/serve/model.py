@@ -123,6 +123,12 @@ class TeleguardDetector(Model):
     def stop(self) -> None:
         self.ready = False
 
+    async def healthy(self) -> bool:
+        """Readiness: loaded, not draining, and (with a shared store) the store answers."""
+        if not self.ready or self.detector is None:
+            return False
+        return await self.detector.ready()
+
     def live_detector(self) -> Detector:
         """The detector, or 503 not_ready while the model loads (and after a failed load)."""
         if not self.ready or self.detector is None:
@@ -260,7 +266,8 @@ def _plain_params(params: Any) -> dict[str, Any]:
 
 
 async def handle_message(detector: Detector, message: Any, *, key: str) -> dict[str, Any]:
-    """One protocol message {key: "open" | "chunk" | "close", ...fields} → its answer (RequestError if bad)."""
+    """One protocol message {key: "open" | "chunk" | "close" | "resume", ...fields} → its answer (RequestError
+    if bad)."""
     if not isinstance(message, dict):
         raise detector.refuse(
             RequestError("invalid_request", f"a message is a JSON object, got {type(message).__name__}")
@@ -276,8 +283,13 @@ async def handle_message(detector: Detector, message: Any, *, key: str) -> dict[
     if kind == "close":
         closed = await detector.close(fields)
         return {key: "verdict", **closed.to_dict()}
+    if kind == "resume":
+        resumed = await detector.resume(fields)
+        return {key: "resumed", **resumed.to_dict()}
     raise detector.refuse(
         RequestError(
-            "invalid_request", f"field '{key}' must be open, chunk or close, got {kind!r}", field=key
+            "invalid_request",
+            f"field '{key}' must be open, chunk, close or resume, got {kind!r}",
+            field=key,
         )
     )

@@ -2,7 +2,7 @@
 
 A client opens a call (`OpenCall`), sends `Chunk`s numbered 0, 1, 2, ... (16 kHz PCM16 audio, a WAV file,
 and/or finished transcript segments), receives `Decision`s whenever the detector asks the model, and closes
-the call (`CloseCall`) for a final `Verdict`. Everything a client can get wrong is a `RequestError` with a
+the call (`CloseCall`) for a final `Verdict`. After a reconnect it asks where the call stands (`ResumeCall`). Everything a client can get wrong is a `RequestError` with a
 machine-readable `reason`, an HTTP `status` and a message naming the field.
 """
 
@@ -142,6 +142,13 @@ class CloseCall(_Message):
 
     call_id: CallId = Field(pattern=_CALL_ID)
     last_seq: int | None = Field(default=None, ge=-1)  # -1: no chunk was sent
+
+
+class ResumeCall(_Message):
+    """A client reconnected (to any replica, with a shared store) and asks where its call stands: the answer
+    names the last chunk the detector took, so the client resends from the one after it."""
+
+    call_id: CallId = Field(pattern=_CALL_ID)
 
 
 class Decision(_Message):

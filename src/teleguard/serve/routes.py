@@ -1,8 +1,11 @@
 """The detector's own HTTP and WebSocket routes, beside KServe's V1/V2 routes.
 
-- ``WS /v1/calls/stream``: JSON messages {"type": "open" | "chunk" | "close", ...}; answers "opened", "ack",
-  "decision", "verdict" and "error" messages; the socket stays open after an error (`CallStream`);
-- ``POST /v1/calls``, ``POST /v1/calls/{call_id}/chunks``, ``POST /v1/calls/{call_id}/close``;
+- ``WS /v1/calls/stream``: JSON messages {"type": "open" | "chunk" | "close" | "resume", ...}; answers "opened",
+  "ack", "decision", "verdict", "resumed" and "error" messages; the socket stays open after an error
+  (`CallStream`). A client whose socket dropped (its replica drained or died) reconnects, to any replica with a
+  shared store, and resumes: `{"type": "resume", "call_id"}` answers the last chunk taken;
+- ``POST /v1/calls``, ``POST /v1/calls/{call_id}/chunks``, ``POST /v1/calls/{call_id}/close``,
+  ``GET /v1/calls/{call_id}`` (the resume answer);
 - ``GET /metrics`` with the detector's own registry when it has one (beside KServe's metrics).
 
 Errors are `RequestError` bodies with their HTTP status (docs/serving.md lists them).
@@ -108,6 +111,12 @@ def add_routes(app: FastAPI, model: TeleguardDetector, *, max_body_bytes: int) -
         body = await _read_json(request, detector, limit)
         _with_call_id(detector, body, call_id)
         return (await detector.chunk(body)).to_dict()
+
+    @app.get("/v1/calls/{call_id}")
+    async def call_status(call_id: str) -> Any:
+        # the REST form of the WebSocket's resume: where the call stands, from any replica
+        detector = model.live_detector()
+        return (await detector.resume({"call_id": call_id})).to_dict()
 
     @app.post("/v1/calls/{call_id}/close")
     async def close_call(call_id: str, request: Request) -> Any:
@@ -222,7 +231,7 @@ class CallStream:
 
     async def answer(self, answer: dict[str, Any]) -> None:
         kind = answer["type"]
-        if kind == "opened":
+        if kind in ("opened", "resumed"):
             await self.send(answer)
         elif kind == "ack":
             await self.send(

@@ -27,7 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from teleguard.engines.contract import EngineConfig
 from teleguard.loopback import LOOPBACK
-from teleguard.serve._kserve import DataPlane, ModelRepository, ModelRepositoryExtension, RESTServer
+from teleguard.serve._kserve import (
+    DataPlane,
+    ModelRepository,
+    ModelRepositoryExtension,
+    RESTServer,
+    metrics_handler,
+    register_v1_endpoints,
+    register_v2_endpoints,
+)
 from teleguard.serve.detector import DetectorConfig
 from teleguard.serve.metrics import DetectorMetrics
 from teleguard.serve.model import EngineFactory, PartialFailure, TeleguardDetector, handle_message
@@ -111,6 +119,14 @@ class _TeleguardRESTServer(RESTServer):
         self._add_middlewares(self.app)
         self._register_endpoints(self.app)
         self._add_exception_handlers(self.app)
+
+    def _register_endpoints(self, app: FastAPI) -> None:
+        # KServe's routes less its OpenAI layer: teleguard serves none of it, and importing it imports vLLM
+        # (about 25 s on a CPU), which a replica taking over calls should not wait for.
+        app.add_api_route("/", self.dataplane.live)
+        app.add_api_route("/metrics", metrics_handler, methods=["GET"])
+        register_v1_endpoints(app, self.dataplane, self.model_repository_extension)
+        register_v2_endpoints(app, self.dataplane, self.model_repository_extension)
 
 
 class DetectorServer:

@@ -90,13 +90,68 @@ class _AudioWindow:
         self.held = 0
 
 
-def _digest(chunk: Chunk) -> bytes:
+def chunk_digest(chunk: Chunk) -> bytes:
+    """What tells a retry (same content) from a conflict (another chunk claiming the same seq)."""
     h = hashlib.blake2b(digest_size=16)
     for part in (chunk.audio, chunk.wav, str(chunk.channels), str(chunk.sample_rate)):
         h.update(b"\x00" if part is None else b"\x01" + part.encode("utf-8", "surrogatepass"))
     for s in chunk.segments:
         h.update(s.model_dump_json().encode("utf-8", "surrogatepass"))
     return h.digest()
+
+
+def closed_error(call_id: str, seq: int) -> RequestError:
+    return RequestError("closed_call", f"call {call_id} is closed; chunk {seq} is refused", field="call_id")
+
+
+def gap_error(call_id: str, seq: int, expected: int) -> RequestError:
+    return RequestError(
+        "sequence_gap",
+        f"call {call_id}: expected chunk seq {expected}, got {seq}; resend from {expected}",
+        field="seq",
+    )
+
+
+def conflict_error(call_id: str, seq: int) -> RequestError:
+    return RequestError(
+        "out_of_order",
+        f"call {call_id}: chunk seq {seq} was already accepted with different content",
+        field="seq",
+    )
+
+
+def unknown_error(call_id: str) -> RequestError:
+    return RequestError("unknown_call", f"no call {call_id} is open; open it first", field="call_id")
+
+
+def exists_error(call_id: str) -> RequestError:
+    return RequestError(
+        "call_exists", f"call {call_id} is already open (or recently closed)", field="call_id"
+    )
+
+
+def full_error(max_calls: int) -> RequestError:
+    return RequestError(
+        "too_many_calls", f"the detector is watching {max_calls} calls, its limit; retry later"
+    )
+
+
+class PolicyState(BaseModel):
+    """What the policy has written into a call: a shared store keeps it beside the call's content, so that an
+    evaluation on another replica goes on from where the last one left off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_calls: int = 0
+    alerts: int = 0
+    first_alert_time: float | None = None
+    scene: str | None = None
+    is_fraud: bool | None = None
+    fraud_type: str | None = None
+    stopped: bool = False
+    evaluated_time: float = 0.0
+    evaluated_segments: int = 0
+    evaluated_window: str | None = None
 
 
 class CallSession:
@@ -129,6 +184,7 @@ class CallSession:
         self._digests: OrderedDict[int, bytes] = OrderedDict()
         # content
         self._audio = _AudioWindow(round(self.limits.max_audio_seconds * SAMPLE_RATE))
+        self._audio_missing = False  # a store's copy made without the audio blocks (only their size)
         self._segments: deque[str] = deque()
         self._transcript_chars = 0
         self.audio_samples = 0  # every frame ever received (the window holds the last ones)
@@ -173,9 +229,7 @@ class CallSession:
     def check_seq(self, chunk: Chunk) -> bool:
         """True for the next chunk, False for a retry of an accepted one; RequestError otherwise."""
         if self.closed:
-            raise RequestError(
-                "closed_call", f"call {self.call_id} is closed; chunk {chunk.seq} is refused", field="call_id"
-            )
+            raise closed_error(self.call_id, chunk.seq)
         if chunk.call_id != self.call_id:
             raise RequestError(
                 "invalid_request",
@@ -183,20 +237,11 @@ class CallSession:
                 field="call_id",
             )
         if chunk.seq > self.next_seq:
-            raise RequestError(
-                "sequence_gap",
-                f"call {self.call_id}: expected chunk seq {self.next_seq}, got {chunk.seq}; "
-                f"resend from {self.next_seq}",
-                field="seq",
-            )
+            raise gap_error(self.call_id, chunk.seq, self.next_seq)
         if chunk.seq < self.next_seq:
             known = self._digests.get(chunk.seq)
-            if known is not None and known != _digest(chunk):
-                raise RequestError(
-                    "out_of_order",
-                    f"call {self.call_id}: chunk seq {chunk.seq} was already accepted with different content",
-                    field="seq",
-                )
+            if known is not None and known != chunk_digest(chunk):
+                raise conflict_error(self.call_id, chunk.seq)
             return False
         return True
 
@@ -209,7 +254,7 @@ class CallSession:
         self.add(decoded)
         self.next_seq += 1
         if self.limits.remember_chunks:
-            self._digests[chunk.seq] = _digest(chunk)
+            self._digests[chunk.seq] = chunk_digest(chunk)
             while len(self._digests) > self.limits.remember_chunks:
                 self._digests.popitem(last=False)
         return True
@@ -258,6 +303,8 @@ class CallSession:
 
     def audio(self) -> np.ndarray:
         """The audio kept: float32 of shape (samples, 2), 16 kHz, the most recent part of the call."""
+        if self._audio_missing:
+            raise RuntimeError(f"call {self.call_id}: this copy was loaded without its audio")
         return self._audio.array()
 
     def clips(self) -> list[np.ndarray]:
@@ -270,6 +317,41 @@ class CallSession:
 
     def decisions_for(self, seq: int) -> list[Decision]:
         return [d for d in self.decisions if d.seq == seq]
+
+    # --- a copy of a call kept elsewhere (teleguard.serve.store) ---------------------------------------------
+
+    def policy_state(self) -> PolicyState:
+        return PolicyState(**{name: getattr(self, name) for name in PolicyState.model_fields})
+
+    def set_policy_state(self, state: PolicyState) -> None:
+        for name in PolicyState.model_fields:
+            setattr(self, name, getattr(state, name))
+
+    def restore(
+        self,
+        *,
+        next_seq: int,
+        audio_samples: int,
+        audio_held: int,
+        audio_blocks: list[np.ndarray] | None,
+        lines: list[str],
+        transcript_end: float,
+        segments_received: int,
+    ) -> None:
+        """Set the call's content as a store holds it. The blocks go through the same window as received
+        chunks, so the audio kept is the same; without blocks (None) only how much is held is known."""
+        self.next_seq, self.audio_samples = next_seq, audio_samples
+        self.transcript_end, self.segments_received = transcript_end, segments_received
+        self._audio.clear()
+        if audio_blocks is None:
+            self._audio.held = min(audio_held, self._audio.max_samples)
+            self._audio_missing = self._audio.held > 0
+        else:
+            for block in audio_blocks:
+                self._audio.append(np.repeat(block, 2, axis=1) if block.shape[1] == 1 else block)
+            self._audio_missing = False
+        self._segments = deque(lines)
+        self._transcript_chars = sum(len(line) + 1 for line in lines)
 
     # --- lifetime ----------------------------------------------------------------------------------------
 
@@ -286,6 +368,7 @@ class CallSession:
         self._segments.clear()
         self._transcript_chars = 0
         self._digests.clear()
+        self._audio_missing = False
         self.touch()
 
 
@@ -316,13 +399,9 @@ class CallRegistry:
 
     def open(self, request: OpenCall) -> CallSession:
         if request.call_id in self._sessions:
-            raise RequestError(
-                "call_exists", f"call {request.call_id} is already open (or recently closed)", field="call_id"
-            )
+            raise exists_error(request.call_id)
         if len(self) >= self.max_calls:
-            raise RequestError(
-                "too_many_calls", f"the detector is watching {self.max_calls} calls, its limit; retry later"
-            )
+            raise full_error(self.max_calls)
         session = CallSession.from_open(
             request, limits=self.limits, chunk_limits=self.chunk_limits, clock=self.clock
         )
@@ -337,7 +416,7 @@ class CallRegistry:
         """The call's session; `unknown_call` if there is none, `closed_call` if closed and `open_only`."""
         session = self._sessions.get(call_id)
         if session is None:
-            raise RequestError("unknown_call", f"no call {call_id} is open; open it first", field="call_id")
+            raise unknown_error(call_id)
         if open_only and session.closed:
             raise RequestError("closed_call", f"call {call_id} is closed", field="call_id")
         return session
@@ -354,6 +433,22 @@ class CallRegistry:
                 abandoned.append(session)
             del self._sessions[call_id]
         return abandoned
+
+    def idle(self, now: float | None = None) -> list[str]:
+        """Forget closed calls idle for `ttl_seconds`; the open ones idle as long (none evaluating), to expire."""
+        now = self.clock() if now is None else now
+        out = []
+        for call_id, session in list(self._sessions.items()):
+            if session.idle_seconds(now) < self.ttl_seconds or session.evaluating:
+                continue
+            if session.closed:
+                del self._sessions[call_id]
+            else:
+                out.append(call_id)
+        return out
+
+    def forget(self, call_id: str) -> None:
+        self._sessions.pop(call_id, None)
 
     def sessions(self) -> list[CallSession]:
         return list(self._sessions.values())

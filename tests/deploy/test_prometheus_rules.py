@@ -150,6 +150,7 @@ def test_alerts_have_severity_and_annotations() -> None:
         "TeleguardDecisionLatencySLOFastBurn",
         "TeleguardDecisionLatencySLOSlowBurn",
         "TeleguardEngineErrorRateHigh",
+        "TeleguardSessionStoreErrors",
     }
     for rule in alerts:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]

@@ -106,17 +106,3 @@ def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
         build_split(part, out / name)
     return out
-
-
-# `make test` runs the suite on every core with pytest-xdist (`-n auto --dist loadgroup`): the tests run their
-# trainers and servers with one OpenMP thread each, so one worker per core keeps the cores busy. Every file's tests
-# stay together on one worker, so a module's fixtures (a served model, a pipeline run) are built once; the files
-# listed here hold independent, long tests (one whole pipeline each), which spread over the workers.
-SPREAD_FILES = frozenset({"tests/pipeline/test_seed_recipes.py"})
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        if path not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(path))

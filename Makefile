@@ -73,7 +73,7 @@ $(addprefix recipe-,$(SEED_RECIPES)): recipe-%: setup
 	$(BIN)/teleguard pipeline run --local --pipeline $* --arg data_uri=$(DATA)
 
 test: setup lint
-	$(BIN)/python -m pytest -q -ra --durations=25 -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -ra --durations=25 -n auto --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check src tests bench

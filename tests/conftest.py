@@ -106,3 +106,28 @@ def text_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, part in (("train", fraud[:6] + normal[:6]), ("test", fraud[6:] + normal[6:])):
         build_split(part, out / name)
     return out
+
+
+# `make test` runs the files on every core (pytest-xdist, `--dist loadfile --no-loadscope-reorder`), handing
+# them out in collection order as workers free up. The longest files go first (seconds of the last CI run), so
+# no worker is still in a long file at the end while the others idle; the rest keep their order.
+LONG_FILES = (
+    "tests/pipeline/test_seed_recipes.py",  # ~480 s
+    "tests/train/test_train_stages.py",  # ~370 s
+    "tests/pipeline/test_pipeline_local.py",  # ~330 s
+    "tests/bench/test_gpu_check.py",  # ~200 s
+    "tests/serve/test_vllm_cpu.py",  # ~190 s
+    "tests/serve/test_cascade.py",
+    "tests/train/test_grpo_vllm_cpu.py",
+    "tests/train/test_grpo_text.py",
+    "tests/serve/test_serving_profile.py",
+    "tests/train/test_trainjob.py",
+    "tests/pipeline/test_pipeline_compile.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONG_FILES)}
+    items.sort(
+        key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank))
+    )  # stable: in-file order kept

@@ -210,3 +210,9 @@ def test_the_engines_do_not_import_the_serving_code() -> None:
         if target == "teleguard.serve" or target.startswith("teleguard.serve.")
     )
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_long_files_the_test_runner_starts_first_exist() -> None:
+    from tests.conftest import LONG_FILES
+
+    assert [path for path in LONG_FILES if not (REPO / path).is_file()] == []

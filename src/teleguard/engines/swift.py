@@ -71,6 +71,7 @@ class SwiftEngine:
         if model_type == "qwen2_audio":
             import teleguard.plugins.swift_qwen2_audio  # noqa: F401  (registers the transformers-5 fixes)
         options = dict(engine_options or {})
+        self.seeded = True  # sampling's seed reaches each request
         if kind == "transformers":
             from swift.infer_engine import TransformersEngine
 
@@ -83,8 +84,12 @@ class SwiftEngine:
                 **options,
             )
         elif kind == "vllm":
-            from teleguard.engines.vllm_engine import build_vllm_engine
+            from teleguard.engines.vllm_engine import build_vllm_engine, on_cpu
 
+            # vLLM 0.32's CPU build kills its engine on a seeded request whose prompt it prefills in parts: it
+            # rewinds the request's generator ("CPU Generator does not use offset"). On a CPU, vLLM samples
+            # without per-request seeds (its engine seed still applies).
+            self.seeded = not on_cpu(device)
             self._engine = build_vllm_engine(
                 str(model),
                 model_type=model_type,
@@ -123,7 +128,7 @@ class SwiftEngine:
             top_p=params.top_p,
             top_k=params.top_k,
             max_tokens=params.max_tokens,
-            seed=params.seed,
+            seed=params.seed if self.seeded else None,
             logprobs=logprobs,
         )
         return self.infer(requests, config, use_tqdm=len(requests) > 1)

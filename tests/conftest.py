@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,25 @@ def offline_hubs() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def autograd_left_as_found() -> Iterator[None]:
+    """A test must not leave torch's thread-wide autograd state changed: a later test in the same worker that
+    trains (the cascade's tiny models) then fails far from the cause. This names the test that leaked it."""
+    yield
+    torch = sys.modules.get("torch")  # torch is never imported here for a test that did not import it
+    if torch is None:
+        return
+    leaked = [
+        what
+        for what, bad in (
+            ("inference mode left on", torch.is_inference_mode_enabled()),
+            ("grad mode left off", not torch.is_grad_enabled()),
+        )
+        if bad
+    ]
+    assert not leaked, f"this test left torch's autograd state changed: {', '.join(leaked)}"
 
 
 def transcript_corpus() -> list[str]:

@@ -47,11 +47,7 @@ def teach_answers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # Training needs autograd whatever an earlier test in this process left switched off (one left the
-    # parameters of models loaded later without gradients): grad mode on, no inference mode, parameters trainable.
-    with torch.inference_mode(False), torch.enable_grad():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.requires_grad_(True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     end = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.pad_token_id
     sequences, labels = [], []
@@ -84,7 +80,7 @@ def teach_answers(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     steps = 0
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.enable_grad():
         while True:
             logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
             with torch.no_grad():

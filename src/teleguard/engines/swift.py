@@ -115,8 +115,19 @@ class SwiftEngine:
         return self._engine.infer(list(requests), config, use_tqdm=use_tqdm)
 
     async def infer_async(self, request: Any, config: Any) -> Any:
-        """ms-swift's response to one `InferRequest`; vLLM's async engine batches concurrent ones."""
-        return await self._engine.infer_async(request, config)
+        """ms-swift's response to one `InferRequest`; vLLM's async engine batches concurrent ones.
+
+        vLLM requests run on the engine's own event loop thread (the one its blocking `infer` uses), whatever
+        loop awaits them: ms-swift's vLLM `infer_async` holds `torch.inference_mode()` across an await, so
+        concurrent requests leave their driving thread in inference mode (each exit restores the state its
+        entry saw, and the exits interleave). On the caller's loop that broke autograd for whatever ran next
+        on that thread. vLLM's async engine also stays bound to the first loop that drives it.
+        """
+        if self.kind != "vllm":
+            return await self._engine.infer_async(request, config)
+        loop = self._engine._get_event_loop()
+        future = asyncio.run_coroutine_threadsafe(self._engine.infer_async(request, config), loop)
+        return await asyncio.wrap_future(future)
 
     def _sample(self, prompts: Sequence[Prompt], params: SamplingParams, *, logprobs: bool) -> list[Any]:
         from swift.infer_engine import InferRequest, RequestConfig

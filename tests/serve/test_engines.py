@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -30,9 +31,19 @@ class FakeVllmEngine:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.built.append({"model": model, **kwargs})
         self.asked: list[Any] = []
+        self.threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _get_event_loop(self) -> asyncio.AbstractEventLoop:
+        """The engine's own event loop on a daemon thread, as ms-swift's `InferEngine` keeps one."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        return self._loop
 
     async def infer_async(self, request: Any, config: Any) -> Any:
         self.asked.append((request, config))
+        self.threads.append(threading.current_thread())
         choice = SimpleNamespace(message=SimpleNamespace(content="ok"), logprobs=None)
         return SimpleNamespace(choices=[choice], usage=SimpleNamespace(completion_tokens=1))
 
@@ -74,6 +85,9 @@ def test_the_vllm_serving_engine_asks_through_the_sampling_engine(fake_vllm: typ
     assert (answer.text, answer.tokens) == ("ok", 1)
     [(_, asked)] = engine.swift._engine.asked  # type: ignore[attr-defined]
     assert asked.max_tokens == 4 and asked.logprobs is True
+    # asked on the engine's own loop thread, not the caller's (ms-swift's vLLM requests leave their thread in
+    # inference mode)
+    assert engine.swift._engine.threads[0] is not threading.current_thread()  # type: ignore[attr-defined]
 
 
 def test_the_factory_imports_only_the_chosen_backend() -> None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from teleguard.contract.labels import FRAUD, NORMAL, Round
 from teleguard.data.records import CallLabels, CallRecord
@@ -293,6 +293,14 @@ async def _replay_one(
     )
 
 
+class ReplayOptions(TypedDict, total=False):
+    """How calls are replayed, the same for every replay function (defaults in `replay_calls_async`)."""
+
+    concurrency: int  # calls in flight at once
+    detector_config: DetectorConfig | None  # the detector's limits (its session limits bound the transcript)
+    language: Literal["zh", "en"] | None  # overrides the policy's prompt language per call
+
+
 async def replay_calls_async(
     calls: Sequence[CallRecord],
     generate: Generate,
@@ -328,44 +336,25 @@ async def replay_calls_async(
 
 
 def replay_calls(
-    calls: Sequence[CallRecord],
-    generate: Generate,
-    policy: DecisionPolicy,
-    *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    detector_config: DetectorConfig | None = None,
-    language: Literal["zh", "en"] | None = None,
+    calls: Sequence[CallRecord], generate: Generate, policy: DecisionPolicy, **options: Unpack[ReplayOptions]
 ) -> list[CallResult]:
     """Replay each call through the real detector with `generate` as its engine; one result per call, in order.
 
     `generate` is any `teleguard.engines.contract.Generate` (for a model:
-    `teleguard.engines.factory.build_engine`; it is not closed here). Each call is opened with its script's modality (`call_script`) and streamed as fast
-    as the detector answers, at most `concurrency` calls at a time. `detector_config` sets the detector's
-    limits (its session limits bound the transcript the model sees). `language` overrides the policy's prompt
-    language per call. An engine failure on a chunk is counted (`engine_errors`) and the call goes on, as a
+    `teleguard.engines.factory.build_engine`; it is not closed here). Each call is opened with its script's
+    modality (`call_script`) and streamed as fast as the detector answers, at most `concurrency` calls at a time
+    (`ReplayOptions`). An engine failure on a chunk is counted (`engine_errors`) and the call goes on, as a
     client's retry would; a refused chunk ends that call's replay (`error`). Runs its own event loop: from
     async code use `replay_calls_async`.
     """
-    return asyncio.run(
-        replay_calls_async(
-            calls,
-            generate,
-            policy,
-            concurrency=concurrency,
-            detector_config=detector_config,
-            language=language,
-        )
-    )
+    return asyncio.run(replay_calls_async(calls, generate, policy, **options))
 
 
 def replay_model(
     calls: Sequence[CallRecord],
     engine_config: EngineConfig,
     policy: DecisionPolicy,
-    *,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    detector_config: DetectorConfig | None = None,
-    language: Literal["zh", "en"] | None = None,
+    **options: Unpack[ReplayOptions],
 ) -> list[CallResult]:
     """`replay_calls` with the serving engine `engine_config` names (`teleguard.engines.factory.build_engine`, as
     `teleguard serve` builds it: transformers with its micro-batcher, vLLM, remote), closed afterwards."""
@@ -376,14 +365,7 @@ def replay_model(
 
     async def run() -> list[CallResult]:
         try:
-            return await replay_calls_async(
-                calls,
-                engine,
-                policy,
-                concurrency=concurrency,
-                detector_config=detector_config,
-                language=language,
-            )
+            return await replay_calls_async(calls, engine, policy, **options)
         finally:
             await close_engine(engine)
 
@@ -917,6 +899,7 @@ __all__ = [
     "FIGURES",
     "CallResult",
     "LiveDecision",
+    "ReplayOptions",
     "as_deployed",
     "live_blocks",
     "live_figures",

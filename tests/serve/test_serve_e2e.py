@@ -14,6 +14,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -381,6 +382,17 @@ def test_idle_calls_expire_after_the_ttl() -> None:
         assert late.status_code == 404 and late.json()["error"] == "unknown_call"
 
 
+class RecordedErrors(logging.Handler):
+    """The error records of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_readiness_is_false_until_the_model_is_loaded_and_shutdown_drains() -> None:
     loaded = threading.Event()
     engine = ScriptedEngine(delay=0.6)
@@ -391,12 +403,17 @@ def test_readiness_is_false_until_the_model_is_loaded_and_shutdown_drains() -> N
 
     config = ServeConfig(port=0, policy=DecisionPolicy(every_seconds=None, min_turns=1, ask_scene="never"))
     server = build_server(config, engine_factory=slow_factory, metrics=DetectorMetrics(CollectorRegistry()))
+    errors = RecordedErrors()
+    logging.getLogger("kserve").addHandler(errors)  # KServe's logger does not propagate to pytest's capture
     server.start_in_thread()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.get("/v2/health/live").status_code == 200
-            assert http.get("/v2/health/ready").status_code == 503
+            for _ in range(3):  # probes ask again and again while a model loads
+                not_ready = http.get("/v2/health/ready")
+                assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
             assert http.get("/v1/models/teleguard").status_code == 503
+            assert errors.records == [], "a not-ready answer was logged as an error"
             early = http.post("/v1/calls", json={"call_id": "early"})
             assert early.status_code == 503 and early.json()["error"] == "not_ready"
             loaded.set()
@@ -416,6 +433,7 @@ def test_readiness_is_false_until_the_model_is_loaded_and_shutdown_drains() -> N
             sender.join(10)
             assert answers and answers[0].status_code == 200 and answers[0].json()["decisions"]
     finally:
+        logging.getLogger("kserve").removeHandler(errors)
         server.stop()
 
 

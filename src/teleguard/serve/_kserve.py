@@ -11,7 +11,7 @@ import sys
 _argv, sys.argv = sys.argv, sys.argv[:1]
 try:
     from kserve import Model
-    from kserve.errors import ModelNotReady
+    from kserve.errors import ModelNotReady, ServerNotReady
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -32,6 +32,7 @@ __all__ = [
     "ModelRepository",
     "ModelRepositoryExtension",
     "RESTServer",
+    "ServerNotReady",
     "metrics_handler",
     "register_v1_endpoints",
     "register_v2_endpoints",

@@ -22,16 +22,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from teleguard.engines.contract import EngineConfig
 from teleguard.loopback import LOOPBACK
 from teleguard.serve._kserve import (
     DataPlane,
+    ModelNotReady,
     ModelRepository,
     ModelRepositoryExtension,
     RESTServer,
+    ServerNotReady,
     metrics_handler,
     register_v1_endpoints,
     register_v2_endpoints,
@@ -106,6 +109,11 @@ class _DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+async def _not_ready(_request: Request, err: Exception) -> JSONResponse:
+    """503 with KServe's body, logged by the access log only."""
+    return JSONResponse(status_code=503, content={"error": str(err)})
+
+
 class _TeleguardRESTServer(RESTServer):
     """KServe's REST server on a fresh FastAPI app (several servers per process, tests) and a chosen host."""
 
@@ -119,6 +127,10 @@ class _TeleguardRESTServer(RESTServer):
         self._add_middlewares(self.app)
         self._register_endpoints(self.app)
         self._add_exception_handlers(self.app)
+        # KServe logs each not-ready answer as an error with a traceback; probes ask every few seconds for as
+        # long as a model loads (minutes for a 7B model), so that is an answer, not an error.
+        self.app.add_exception_handler(ServerNotReady, _not_ready)
+        self.app.add_exception_handler(ModelNotReady, _not_ready)
 
     def _register_endpoints(self, app: FastAPI) -> None:
         # KServe's routes less its OpenAI layer: teleguard serves none of it, and importing it imports vLLM

@@ -99,7 +99,10 @@ def test_transcript_over_websocket_and_http_prints_decisions_and_the_verdict(
     assert result.wall_s >= script.duration / 20 * 0.9  # paced, not as fast as possible
     assert events[0] == "opened" and events[-1] == "verdict" and events.count("ack") == 4
     assert result.verdict["chunks"] == 4 and result.verdict["decisions"] == len(result.decisions)
-    assert result.evaluations == 4 and all(d.latency_s > 0 for d in result.decisions)
+    # a turn that arrives while the model is still busy is evaluated with the next (a loaded machine batches
+    # turns even at 20x), but the call's last turn is always evaluated
+    assert 1 <= result.evaluations <= 4 and all(d.latency_s > 0 for d in result.decisions)
+    assert max(d.decision["seq"] for d in result.decisions if d.decision.get("round") == "is_fraud") == 3
     assert all(c.round_trip_s is not None and c.round_trip_s > 0 for c in result.chunks)
 
 

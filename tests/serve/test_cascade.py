@@ -14,7 +14,10 @@ offline evaluation (`teleguard.evaluate.cascade`) on hand-made predictions with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -386,6 +389,12 @@ def test_serve_command_has_the_cascade_options() -> None:
         assert option in result.output
     bad = CliRunner().invoke(app, ["serve", "--escalate-model", "big"])
     assert bad.exit_code == 2
+    # the command set up the server's log while the runner's stderr was in place, and the runner has closed it:
+    # a later server in this process still logs, to the stderr of the moment
+    later = io.StringIO()
+    with contextlib.redirect_stderr(later):
+        logging.getLogger("teleguard.after").warning("still logging")
+    assert "still logging" in later.getvalue() and "Logging error" not in later.getvalue()
 
 
 # -------------------------------------------------------------------------------- offline evaluation, units

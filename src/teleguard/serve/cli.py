@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from pydantic import ValidationError
@@ -89,7 +90,19 @@ def cascade_overrides(
 
 class _ServerLog(logging.StreamHandler):  # type: ignore[type-arg]
     """The server's console log. Its own class: loading ms-swift turns every root handler whose type is exactly
-    StreamHandler down to ERROR (to quiet other ranks), which would hide --log-level INFO/DEBUG."""
+    StreamHandler down to ERROR (to quiet other ranks), which would hide --log-level INFO/DEBUG.
+
+    It writes to whatever `sys.stderr` is when a record comes, not the one it was made with: a command run in
+    process (typer's test runner, a notebook) swaps stderr and closes its copy, and a later server's log would
+    fail on the closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: object) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
 
 
 def serve_command(

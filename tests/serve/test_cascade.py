@@ -387,14 +387,20 @@ def test_serve_command_has_the_cascade_options() -> None:
         "--escalation-timeout",
     ):
         assert option in result.output
-    bad = CliRunner().invoke(app, ["serve", "--escalate-model", "big"])
-    assert bad.exit_code == 2
-    # the command set up the server's log while the runner's stderr was in place, and the runner has closed it:
-    # a later server in this process still logs, to the stderr of the moment
-    later = io.StringIO()
-    with contextlib.redirect_stderr(later):
-        logging.getLogger("teleguard.after").warning("still logging")
-    assert "still logging" in later.getvalue() and "Logging error" not in later.getvalue()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        bad = CliRunner().invoke(app, ["serve", "--escalate-model", "big"])
+        assert bad.exit_code == 2
+        # the command set up the server's log while the runner's stderr was in place, and the runner has closed
+        # it: a later server in this process still logs, to the stderr of the moment
+        later = io.StringIO()
+        with contextlib.redirect_stderr(later):
+            logging.getLogger("teleguard.after").warning("still logging")
+        assert "still logging" in later.getvalue() and "Logging error" not in later.getvalue()
+    finally:  # the servers of later tests in this worker log as pytest configured
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 # -------------------------------------------------------------------------------- offline evaluation, units

@@ -175,3 +175,32 @@ def test_shared_parameters_agree_across_every_compiled_pipeline() -> None:
                 else param.default
             )
             assert p["defaultValue"] == expected, (name, param.name, p["defaultValue"])
+
+
+def test_task_setters_still_name_themselves_while_a_graph_is_built() -> None:
+    """`quick_caller_names` (a cheaper caller lookup for KFP's task setters) keeps KFP's error message."""
+    from kfp import dsl
+    from kfp.dsl import pipeline_task
+
+    from teleguard.pipeline.definitions.shared import quick_caller_names
+
+    # no annotations: this file's postponed ones are strings, which KFP cannot read
+    @dsl.component
+    def step():
+        pass
+
+    @dsl.pipeline
+    def inner():
+        step()
+
+    saved = pipeline_task.inspect
+    with (
+        quick_caller_names(),
+        pytest.raises(ValueError, match=r"^set_cpu_request can only be used on single"),
+    ):
+
+        @dsl.pipeline
+        def outer():
+            inner().set_cpu_request("1")  # a pipeline used as a task has no container to size
+
+    assert pipeline_task.inspect is saved

@@ -296,6 +296,8 @@ def test_s3_data_registry_and_artifacts(
     )  # fmt: skip
     run_dir = run_local(arguments, tmp_path / "root", upload_uri="s3://tg-runs/pipeline")
     summary = summarize_run(run_dir, STEPS)
+    # RSFT off: its rejection sampling loaded no model and sampled nothing
+    assert (_artifact(run_dir, "rejection-sampling", "samples") / "samples.jsonl").read_text("utf-8") == ""
     assert summary["gate_passed"] is True
     registered = summary["registered"]
     assert registered.startswith("s3://tg-registry/models/teleguard-detector/")

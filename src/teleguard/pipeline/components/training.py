@@ -48,17 +48,20 @@ def grpo_stage1(
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def rejection_sampling(
+    enabled: bool,
     recipe: str,
     recipe_overrides: dict,
     datasets: Input[Dataset],
     policy: Input[Model],
     samples: Output[Dataset],
 ) -> int:
-    """Stage 2a: N samples per training prompt through an inference engine (vLLM on GPU)."""
+    """Stage 2a: N samples per training prompt through an inference engine (vLLM on GPU); switched off, none."""
     from teleguard.pipeline.artifacts import path_of
     from teleguard.pipeline.steps.training import sample_step
 
-    return sample_step(recipe, recipe_overrides, path_of(datasets), path_of(policy), path_of(samples))
+    return sample_step(
+        enabled, recipe, recipe_overrides, path_of(datasets), path_of(policy), path_of(samples)
+    )
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)

@@ -36,9 +36,8 @@ def rm_dpo(p: Parameters, run_ppo: bool = True) -> None:
     pools, recipe_args = p.pools, p.recipe_args
     prepared = shared.prepare(p)
     datasets, policy = prepared.datasets, prepared.sft.outputs["model"]
-    samples = pools.gpu(rejection_sampling(datasets=datasets, policy=policy, **recipe_args)).outputs[
-        "samples"
-    ]
+    sampling = rejection_sampling(enabled=True, datasets=datasets, policy=policy, **recipe_args)
+    samples = pools.gpu(sampling).outputs["samples"]  # the reward model, DPO and the RM ranking all read them
     rm = pools.gpu(reward_model(datasets=datasets, start=policy, samples=samples, **recipe_args))
     dpo_task = pools.gpu(dpo(enabled=True, datasets=datasets, start=policy, samples=samples, **recipe_args))
     rm_rsft = pools.gpu(

@@ -74,7 +74,9 @@ def safe_qaq(
         grpo_stage1(enabled=run_stage1_grpo, datasets=datasets, start=prepared.sft.outputs["model"], **nodes_args,
                     **recipe_args)
     )  # fmt: skip
-    samples = pools.gpu(rejection_sampling(datasets=datasets, policy=stage1.outputs["model"], **recipe_args))
+    samples = pools.gpu(
+        rejection_sampling(enabled=run_rsft, datasets=datasets, policy=stage1.outputs["model"], **recipe_args)
+    )  # RSFT is what trains on the samples
     selection = pools.cpu(select_shortest_correct(samples=samples.outputs["samples"]), cache=False)
     stage2b = pools.gpu(
         rsft(enabled=run_rsft, datasets=datasets, selection=selection.outputs["selection"],

@@ -114,11 +114,17 @@ def trainjob_stage_step(
 
 
 def sample_step(
-    recipe: str, overrides: dict[str, Any], datasets: Path, model: Path, out_samples: Path
+    enabled: bool, recipe: str, overrides: dict[str, Any], datasets: Path, model: Path, out_samples: Path
 ) -> int:
-    """Stage 2a, first half: N samples per training prompt; writes rows with their samples."""
-    from teleguard.train.sampling import sample_recipe
+    """Stage 2a, first half: N samples per training prompt; writes rows with their samples. Switched off (the
+    stage that trains on them is), it writes no rows and loads no model."""
+    from teleguard.train.sampling import SAMPLES_FILE, sample_recipe
 
+    if not enabled:
+        out_samples.mkdir(parents=True, exist_ok=True)
+        (out_samples / SAMPLES_FILE).write_text("", "utf-8")
+        print("rejection sampling: off (its stage is switched off)")
+        return 0
     _, rows = sample_recipe(
         step_recipe(recipe, overrides, datasets=str(datasets)), model, datasets, out_samples
     )

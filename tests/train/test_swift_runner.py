@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from teleguard.offline import OFFLINE_ENV, swift_env
+from teleguard.offline import OFFLINE_ENV, swift_argv, swift_env
 from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN, VLLM_CPU_PLUGIN
 from teleguard.train.swift import SwiftError, flags, latest_run_dir, plugin_args, run_swift
 
@@ -31,6 +31,24 @@ def test_plugins_are_one_flag_with_every_file_needed() -> None:
 def test_env_is_offline() -> None:
     env = swift_env({"EXTRA": "1"})
     assert all(env[k] == "1" for k in OFFLINE_ENV) and env["EXTRA"] == "1"
+
+
+def test_a_single_process_command_skips_the_launcher_and_a_distributed_one_keeps_it() -> None:
+    import importlib.util
+    import sys
+
+    from swift.cli.main import ROUTE_MAPPING
+
+    # the script ms-swift's own launcher would start in a second interpreter when torchrun is not wanted
+    for command in ("sft", "rlhf", "deploy", "merge-lora"):
+        script = importlib.util.find_spec(ROUTE_MAPPING[command]).origin
+        assert swift_argv(command, ["--a", "1"], {}) == [sys.executable, script, "--a", "1"]
+    for distributed in ({"NPROC_PER_NODE": "4"}, {"NNODES": "2"}):
+        assert swift_argv("rlhf", ["--a", "1"], distributed) == [
+            sys.executable, "-m", "swift.cli.main", "rlhf", "--a", "1",
+        ]  # fmt: skip
+    with pytest.raises(ValueError, match="no command 'trian'"):
+        swift_argv("trian", [], {})
 
 
 def test_failing_swift_command_raises_with_log_tail(tmp_path: Path) -> None:

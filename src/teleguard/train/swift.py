@@ -7,11 +7,10 @@ globally, and a stage must be able to run under torchrun exactly as it does on a
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from teleguard.offline import swift_env
+from teleguard.offline import swift_argv, swift_env
 from teleguard.plugins import QWEN2_AUDIO_PLUGIN, REWARD_PLUGIN, VLLM_CPU_PLUGIN
 
 # What a CPU-only machine needs (fp32, no worker processes, no hub checks, no external loggers).
@@ -64,14 +63,13 @@ def run_swift(
 
     The command sees `environ` (default: this process's environment), offline, plus `env`.
     """
-    argv = [sys.executable, "-m", "swift.cli.main", command, *args]
+    full_env = swift_env(env, environ)
+    argv = swift_argv(command, args, full_env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
-        proc = subprocess.run(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=swift_env(env, environ), cwd=cwd, check=False
-        )
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, check=False)
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
         raise SwiftError(f"swift {command} exited with {proc.returncode} (log: {log_path}):\n{tail}")

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from teleguard.loopback import free_port
-from teleguard.offline import swift_env
+from teleguard.offline import swift_argv, swift_env
 
 log = logging.getLogger(__name__)
 
@@ -58,39 +57,18 @@ def local_judge_server(
     else:
         log_file = Path(log_path)
         log_file.parent.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "swift.cli.main",
-        "deploy",
-        "--model",
-        str(model_dir),
-        "--model_type",
-        model_type,
-        "--template",
-        template,
-        "--infer_backend",
-        "transformers",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--torch_dtype",
-        torch_dtype,
-        "--served_model_name",
-        served_model_name,
-        "--log_interval",
-        "-1",
-        "--verbose",
-        "false",
-        *extra_args,
-    ]
+    env = swift_env()
+    options = {
+        "model": str(model_dir), "model_type": model_type, "template": template, "infer_backend": "transformers",
+        "host": "127.0.0.1", "port": str(port), "torch_dtype": torch_dtype, "served_model_name": served_model_name,
+        "log_interval": "-1", "verbose": "false",
+    }  # fmt: skip
+    args = [token for name, value in options.items() for token in (f"--{name}", value)]
+    argv = swift_argv("deploy", [*args, *extra_args], env)
     base_url = f"http://127.0.0.1:{port}/v1"
     started = time.monotonic()
     with log_file.open("w", encoding="utf-8") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=swift_env(), start_new_session=True
-        )
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         with httpx.Client(timeout=2.0) as client:
             while True:

@@ -207,6 +207,13 @@ def test_every_stage_leaves_its_artifacts(full_run: Path) -> None:
             assert manifest["metrics"] == {"rows": 0}
         else:
             assert manifest["metrics"]["global_step/max_steps"].split("/")[0] != "0", step
+        if step in ("grpo-stage1", "lcrl", "realtime-grpo"):  # each GRPO stage logged its own reward set
+            logged = {k.split("/")[1] for k in manifest["metrics"] if k.startswith("rewards/")}
+            assert logged == set(manifest["config"]["reward_funcs"]), step
+    realtime = json.loads(
+        (_artifact(full_run, "realtime-grpo", "model") / "stage-manifest.json").read_text("utf-8")
+    )
+    assert Path(realtime["inputs"]["dataset"]).name.startswith("realtime."), "stage 3 trains on partial calls"
     exported = _artifact(full_run, "export-model", "model")
     assert json.loads((exported / "teleguard-serving.json").read_text())
     # the serving profile: the CI recipe's answer length and the data build's window and prompts

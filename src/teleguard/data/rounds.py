@@ -206,8 +206,9 @@ class RowBuilder:
                         **self._extra(sample),
                     }
                 )
-                answer, _ = self._answer(truth, sample)  # a reference answer before a question: a label
-                messages = [*messages, {"role": "assistant", "content": answer}]
+                if i + 1 < len(conversation):  # a reference answer before the next question: a label
+                    answer, _ = self._answer(truth, sample)
+                    messages = [*messages, {"role": "assistant", "content": answer}]
         return rows
 
     def sft_rows(self, sample: Sample) -> list[dict[str, Any]]:

@@ -76,13 +76,18 @@ def teach_answers(
             if len(following[tuple(s[:t])]) > 1:
                 answer_positions[row, t - 1] = False
 
+    # logits only from the position before the earliest answer token on: the vocabulary projection of every
+    # prompt position was most of a step's time, and those positions are never scored
+    keep = width - min(len(s) - len(x) for s, x in zip(sequences, answer_steps, strict=True)) + 1
+    shifted, answer_positions = shifted[:, width - keep :], answer_positions[:, width - keep :]
+
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     steps = 0
     with torch.enable_grad():
         while True:
-            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+            logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits[:, :-1]
             with torch.no_grad():
                 right = logits.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                 others = logits.scatter(-1, shifted.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)

@@ -24,9 +24,15 @@ export TRANSFORMERS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
 SEED_RECIPES := teacher-judge classifier-reward distill-cascade rm-dpo
-.PHONY: $(addprefix recipe-,$(SEED_RECIPES)) setup system-packages demo cpu-recipe test lint format bench gpu-check clean
+.PHONY: $(addprefix recipe-,$(SEED_RECIPES)) setup installs system-packages demo cpu-recipe test lint format bench gpu-check clean
 
-setup: system-packages $(STAMP) $(CHECKOV_STAMP)
+# The three installs are independent: they run side by side (the checkov environment's minute of pip under the
+# project's five), whatever -j the caller gave.
+setup:
+	@$(MAKE) --no-print-directory -j3 installs
+
+installs: system-packages $(STAMP) $(CHECKOV_STAMP)
+	@:
 
 # Debian packages: espeak-ng synthesizes call audio offline; prometheus (with promtool) checks the alert rules
 # and scrapes the detector in tests; redis-server is the shared session store the replica tests run on

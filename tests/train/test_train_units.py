@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,12 @@ def test_single_node_environment() -> None:
     assert "NNODES" not in swift_launch_env({}) and "NPROC_PER_NODE" not in swift_launch_env({})
     assert swift_launch_env({}, gpus_per_node=4)["NPROC_PER_NODE"] == "4"
     assert "NPROC_PER_NODE" not in swift_launch_env({}, gpus_per_node=1)
+    # a free port of its own for the node's process group, not the default 29500 two stages would share
+    ports = {swift_launch_env({})["MASTER_PORT"] for _ in range(3)}
+    assert all(1024 < int(p) < 65536 and p != "29500" for p in ports)
+    with socket.socket() as held:  # the port is free: a server can bind it
+        held.bind(("127.0.0.1", int(swift_launch_env({})["MASTER_PORT"])))
+    assert swift_launch_env({"MASTER_PORT": "23456"})["MASTER_PORT"] == "23456"  # a given port stands
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from teleguard.loopback import free_port
+
 
 class DistributedEnvError(ValueError):
     """Launcher variables that contradict each other or are not numbers."""
@@ -32,7 +34,7 @@ def swift_launch_env(environ: Mapping[str, str], gpus_per_node: int | None = Non
     """The environment for an ms-swift command: launcher variables mapped, pod-level ranks removed.
 
     Returns a full environment (a copy of `environ` with changes). On a single node without any launcher
-    variables it only adds NPROC_PER_NODE when `gpus_per_node` > 1.
+    variables it only adds NPROC_PER_NODE when `gpus_per_node` > 1, and a free MASTER_PORT.
     """
     env = dict(environ)
     nnodes = environ.get("PET_NNODES") or environ.get("WORLD_SIZE")
@@ -63,6 +65,11 @@ def swift_launch_env(environ: Mapping[str, str], gpus_per_node: int | None = Non
         and (nnodes is not None or _int("NPROC_PER_NODE", nproc) > 1)
     ):
         env["NPROC_PER_NODE"] = nproc
+    if not {"NNODES", "MASTER_PORT"} & env.keys():
+        # one node: its process group (torchrun's, or the one-process group ms-swift opens for colocated vLLM)
+        # would listen on port 29500, and a second stage on the machine (another job, a test suite) would fail
+        # to bind it
+        env["MASTER_PORT"] = str(free_port())
     return env
 
 
